@@ -1,0 +1,228 @@
+"""Every attention backend against a float64 reference written out in full here."""
+
+import math
+
+import pytest
+import torch
+
+from studio import backends
+from studio.backends import BackendError
+
+CPU = torch.device("cpu")
+RUNNABLE = [b.name for b in backends.available(CPU, torch.float32) if b.kind == "attention" and b.available]
+FAST = [name for name in RUNNABLE if name != "flex"]  # flex compiles per shape: tested on fewer cases
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+def reference(q, k, v, causal=False, mask=None, scale=None):
+    """Attention in float64, spelled out: the ground truth every backend is checked against."""
+    q, k, v = q.double(), k.double(), v.double()
+    heads, kv_heads = q.shape[1], k.shape[1]
+    k = k.repeat_interleave(heads // kv_heads, dim=1)
+    v = v.repeat_interleave(heads // kv_heads, dim=1)
+    scale = scale if scale is not None else 1 / math.sqrt(q.shape[-1])
+    scores = q @ k.transpose(-1, -2) * scale
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    allowed = torch.ones(q_len, kv_len, dtype=torch.bool)
+    if causal:
+        for i in range(q_len):
+            allowed[i, kv_len - q_len + i + 1 :] = False
+    allowed = allowed.expand_as(scores).clone()
+    if mask is not None and mask.dtype == torch.bool:
+        allowed &= mask.expand_as(scores)
+    elif mask is not None:
+        scores = scores + mask.double()
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return weights @ v
+
+
+def inputs(batch=2, heads=4, kv_heads=4, q_len=16, kv_len=16, head_dim=64, dtype=torch.float32):
+    q = torch.randn(batch, heads, q_len, head_dim, dtype=dtype)
+    k = torch.randn(batch, kv_heads, kv_len, head_dim, dtype=dtype)
+    v = torch.randn(batch, kv_heads, kv_len, head_dim, dtype=dtype)
+    return q, k, v
+
+
+def padding_mask(batch, kv_len, pad):
+    """Left padding: the first `pad` keys of the first sequence are padding, shape [batch, 1, 1, kv_len]."""
+    mask = torch.ones(batch, 1, 1, kv_len, dtype=torch.bool)
+    mask[0, ..., :pad] = False
+    return mask
+
+
+def check(name, q, k, v, **kw):
+    out = backends.attention(q, k, v, backend=name, **kw)
+    expected = reference(q, k, v, **kw)
+    assert out.shape == expected.shape and out.dtype == q.dtype
+    error = (out.double() - expected).abs().max().item()
+    assert error <= TOLERANCE[q.dtype] * max(1.0, expected.abs().max().item()), f"{name}: max error {error}"
+
+
+CASES = {
+    "self": dict(),
+    "causal": dict(causal=True),
+    "cross": dict(q_len=5, kv_len=23),
+    "decode-causal": dict(q_len=1, kv_len=23, causal=True),
+    "chunk-causal": dict(q_len=7, kv_len=23, causal=True),
+    "gqa-causal": dict(heads=8, kv_heads=2, causal=True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("name", FAST)
+def test_backend_matches_float64_reference(name, case, dtype):
+    kw = dict(CASES[case])
+    causal = kw.pop("causal", False)
+    check(name, *inputs(dtype=dtype, **kw), causal=causal)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 128])
+@pytest.mark.parametrize("name", FAST)
+def test_head_dims(name, head_dim):
+    check(name, *inputs(head_dim=head_dim, q_len=9, kv_len=9), causal=True)
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_boolean_padding_mask_with_causal(name):
+    q, k, v = inputs(q_len=12, kv_len=12)
+    check(name, q, k, v, causal=True, mask=padding_mask(2, 12, pad=5))
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_additive_mask(name):
+    q, k, v = inputs(q_len=6, kv_len=10)
+    mask = torch.randn(2, 4, 6, 10)
+    mask[..., :3] = float("-inf")
+    check(name, q, k, v, mask=mask)
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_a_query_that_sees_no_key_gets_zeros(name):
+    q, k, v = inputs(q_len=4, kv_len=4)
+    mask = torch.ones(2, 1, 4, 4, dtype=torch.bool)
+    mask[0, :, 1] = False  # row 1 of sequence 0 sees nothing
+    out = backends.attention(q, k, v, mask=mask, backend=name)
+    assert torch.isfinite(out).all()
+    assert (out[0, :, 1] == 0).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["causal", "gqa-causal", "decode-causal", "padding"])
+def test_flex_matches_float64_reference(case):
+    if "flex" not in RUNNABLE:
+        pytest.skip(backends.attention_info("flex", CPU, torch.float32).reason)
+    if case == "padding":
+        q, k, v = inputs(q_len=12, kv_len=12)
+        check("flex", q, k, v, causal=True, mask=padding_mask(2, 12, pad=5))
+        return
+    kw = dict(CASES[case])
+    causal = kw.pop("causal", False)
+    check("flex", *inputs(**kw), causal=causal)
+
+
+def test_eager_hands_back_the_weights():
+    q, k, v = inputs(q_len=5, kv_len=7)
+    out, weights = backends.attention(q, k, v, causal=True, backend="eager", return_weights=True)
+    assert weights.shape == (2, 4, 5, 7)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 5))
+    assert (weights[..., 0, 4:] == 0).all()  # query 0 sees keys 0..2 only (bottom-right alignment)
+    torch.testing.assert_close(weights @ v, out)
+
+
+def test_tiled_never_builds_the_score_matrix():
+    """The tiled kernel's largest intermediate is block_q x block_k, not q_len x kv_len."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    biggest = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                biggest.append(out.shape[-2:] if out.dim() >= 2 else ())
+            return out
+
+    q, k, v = inputs(batch=1, heads=1, kv_heads=1, q_len=256, kv_len=256, head_dim=32)
+    with Watch():
+        backends.attention(q, k, v, backend="tiled")
+    assert (256, 256) not in [tuple(s) for s in biggest]
+    assert (64, 64) in [tuple(s) for s in biggest]
+
+
+def test_use_scopes_the_choice_and_restores_it():
+    q, k, v = inputs()
+    assert backends.current().attention == "auto"
+    with backends.use(attention="eager"):
+        assert backends.current().attention == "eager"
+        backends.attention(q, k, v, return_weights=True)  # eager is the one chosen
+        with backends.use(attention="tiled"):
+            assert backends.current().attention == "tiled"
+        assert backends.current().attention == "eager"
+    assert backends.current().attention == "auto"
+
+
+def test_auto_reports_its_choice():
+    q, k, v = inputs()
+    choice = backends.choose_attention(q, k, v)
+    assert choice.name in RUNNABLE and choice.name != "auto"
+    assert "cpu" in choice.reason
+    check("auto", q, k, v, causal=True)
+
+
+def test_available_lists_every_backend_with_a_reason_when_not():
+    infos = backends.available(CPU, torch.float32)
+    names = [i.name for i in infos if i.kind == "attention"]
+    assert names == list(backends.ATTENTION_BACKENDS)
+    for info in infos:
+        assert info.available or info.reason, info
+    cudnn = backends.attention_info("sdpa-cudnn", CPU, torch.float32)
+    assert not cudnn.available and "cpu" in cudnn.reason
+
+
+def test_unknown_backend_names_the_alternatives():
+    q, k, v = inputs()
+    with pytest.raises(BackendError, match="unknown attention backend 'flash3'.*available: eager"):
+        backends.attention(q, k, v, backend="flash3")
+    with pytest.raises(BackendError, match="unknown attention backend"):
+        with backends.use(attention="nope"):
+            pass
+
+
+def test_unavailable_backend_says_why_and_never_falls_back():
+    q, k, v = inputs()
+    with pytest.raises(BackendError, match="'sdpa-cudnn' is unavailable: .*available: .*sdpa-flash"):
+        backends.attention(q, k, v, backend="sdpa-cudnn")
+
+
+def test_xformers_is_optional_and_explained():
+    info = backends.attention_info("xformers", CPU, torch.float32)
+    if not info.available:
+        assert "xformers" in info.reason
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda q, k, v: (q[0], k, v), r"q as \[batch, heads, seq_len, head_dim\]"),
+        (lambda q, k, v: (q, k.half(), v), "share one floating dtype"),
+        (lambda q, k, v: (q, k[..., :32], v), "share head_dim"),
+        (lambda q, k, v: (q, k[:, :3], v[:, :3]), r"kv_heads \(3\) must divide heads \(4\)"),
+        (lambda q, k, v: (q, k[:1], v[:1]), "share the batch size"),
+        (lambda q, k, v: (q, k, v[:, :, :5]), "k and v must agree"),
+    ],
+)
+def test_bad_shapes_and_dtypes_are_named(bad, message):
+    with pytest.raises(BackendError, match=message):
+        backends.attention(*bad(*inputs()), backend="sdpa")
+
+
+def test_bad_mask_and_causal_are_named():
+    q, k, v = inputs(q_len=8, kv_len=4)
+    with pytest.raises(BackendError, match="more queries"):
+        backends.attention(q, k, v, causal=True)
+    with pytest.raises(BackendError, match="does not broadcast"):
+        backends.attention(q, k, v, mask=torch.ones(3, 3, dtype=torch.bool))
+    with pytest.raises(BackendError, match="only the eager backend"):
+        backends.attention(q, k, v, backend="sdpa", return_weights=True)
