@@ -171,6 +171,7 @@ def count_flops(fn, *args, **kwargs) -> tuple[object, int]:
 
     Returns (what fn returned, FLOPs). Counting works at the level of torch operators, so it
     sees exactly the kernels that ran; element-wise work (norms, activations) counts as 0.
+    The first call in a process takes a couple of seconds: FlopCounterMode imports torch._dynamo.
     """
     with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
         result = fn(*args, **kwargs)
@@ -243,7 +244,9 @@ DATASHEET: dict[str, Ceilings] = {
         _datasheet("A100 40GB", 1.555e12, **_A100_COMPUTE),  # SXM and PCIe alike
         _datasheet("L4", 300e9, fp32=30.3e12, tf32=60e12, bf16=121e12, fp16=121e12, fp8=242.5e12, int8=242.5e12),
         _datasheet("T4", 320e9, fp32=8.1e12, fp16=65e12, int8=130e12),  # Turing: no bf16, no tf32
-        _datasheet("RTX 4090", 1008e9, fp32=82.6e12, tf32=82.6e12, bf16=165.2e12, fp16=165.2e12, fp8=330.3e12, int8=660.6e12),
+        _datasheet(
+            "RTX 4090", 1008e9, fp32=82.6e12, tf32=82.6e12, bf16=165.2e12, fp16=165.2e12, fp8=330.3e12, int8=660.6e12
+        ),
     ]
 }
 
@@ -299,10 +302,12 @@ def ceilings_for(device: torch.device | str) -> Ceilings:
 
 # Probe sizes. Matrices grow until one multiply takes _PROBE_MATMUL_MS, long enough to hide
 # timer and launch overhead (bf16 on a CPU without bf16 units stops at a small size, fp32 on a GPU
-# at the cap). The copy is larger than any device's cache, so it measures memory, not cache.
+# at the cap). The copy must outgrow the last-level cache so that it measures memory: 64 MiB is
+# several times a usual CPU L3 and still quick to allocate; 1 GiB is 20x an H100's 50 MB L2.
 _PROBE_MATMUL_MS = 5.0
 _PROBE_MAX_N = 8192
-_PROBE_COPY_BYTES = 256 * 2**20
+_PROBE_COPY_BYTES = {"cpu": 64 * 2**20}
+_PROBE_COPY_BYTES_ACCELERATOR = 2**30
 
 
 def _probe_dtypes(device: torch.device) -> list[torch.dtype]:
@@ -325,10 +330,11 @@ def _probe_matmul(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def _probe_bandwidth(device: torch.device) -> float:
-    source = torch.ones(_PROBE_COPY_BYTES, dtype=torch.uint8, device=device)
+    size = _PROBE_COPY_BYTES.get(device.type, _PROBE_COPY_BYTES_ACCELERATOR)
+    source = torch.ones(size, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     ms = measure(target.copy_, source, device=device, warmup=1, repeats=3).min_ms
-    return 2 * _PROBE_COPY_BYTES / (ms / 1e3)  # every byte is read once and written once
+    return 2 * size / (ms / 1e3)  # every byte is read once and written once
 
 
 def probe_ceilings(device: torch.device | str) -> Ceilings:
@@ -373,7 +379,7 @@ class RooflinePoint:
     predicted_ms: float  # the time the roof allows: max(flops / peak, bytes / bandwidth)
     achieved_flops: float  # FLOP/s
     achieved_bandwidth: float  # bytes/s
-    share: float  # achieved / attainable, 0..1
+    share: float  # achieved / attainable: 1.0 is on the roof
 
 
 def roofline(flops: float, bytes: float, ms: float, ceilings: Ceilings, dtype: torch.dtype | str) -> RooflinePoint:
@@ -409,5 +415,16 @@ def roofline(flops: float, bytes: float, ms: float, ceilings: Ceilings, dtype: t
     else:
         achieved_flops = achieved_bandwidth = share = math.nan
     return RooflinePoint(
-        flops, bytes, ms, key, intensity, ridge, bound, attainable, predicted_ms, achieved_flops, achieved_bandwidth, share
+        flops=flops,
+        bytes=bytes,
+        ms=ms,
+        dtype=key,
+        intensity=intensity,
+        ridge=ridge,
+        bound=bound,
+        attainable_flops=attainable,
+        predicted_ms=predicted_ms,
+        achieved_flops=achieved_flops,
+        achieved_bandwidth=achieved_bandwidth,
+        share=share,
     )

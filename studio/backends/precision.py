@@ -108,9 +108,9 @@ class CastLinear(PrecisionLinear):
         mode = FP32_MATMUL_MODE.get(self.precision)
         if mode is None:
             return F.linear(x.to(self.dtype), self.weight_cast, bias).to(x.dtype)
-        # A process-wide flag, so it is set only around this one matmul and put back exactly as it
-        # was; the new fp32_precision API is used for both, because mixing it with the legacy
-        # allow_tf32 makes torch refuse to report the matmul precision.
+        # A process-wide flag (threads share it), so it is set only around this one matmul and
+        # put back to exactly its previous value: code elsewhere that uses the legacy allow_tf32
+        # API then never finds the two APIs mixed, which makes torch refuse to report the precision.
         matmul = torch.backends.cuda.matmul
         previous = matmul.fp32_precision
         matmul.fp32_precision = mode
@@ -222,7 +222,8 @@ def probe(name: str, device: str) -> str | None:
             layer.bias.zero_()
         wrap(layer, name)(torch.ones(2, 16, device=device))
     except Exception as error:  # any failure means the same thing: this precision does not run here
-        return f"{name} does not run on {device}: {type(error).__name__}: {str(error).splitlines()[0]}"
+        first_line = str(error).strip().split("\n")[0]
+        return f"{name} does not run on {device}: {type(error).__name__}: {first_line}"
     return None
 
 
