@@ -28,6 +28,7 @@ import copy
 import torch
 from transformers import DynamicCache
 
+from studio import backends
 from studio.inspect import decoder_step_cost
 from studio.profiling import StepTimer
 
@@ -57,15 +58,16 @@ class PromptLookupDraft:
 class ModelDraft:
     """Guess k tokens with a smaller model decoding on its own KV cache."""
 
-    def __init__(self, model):
+    def __init__(self, model, attention: str | None):
         self.model = model
+        self.attention = attention
         self.kv_cache = DynamicCache(config=model.config)
 
     def propose(self, ids: list[int], k: int, processors, settings, generator) -> tuple[list[int], torch.Tensor]:
         device = next(self.model.parameters()).device
         sequence = torch.tensor([ids], device=device)
         drafted, q_probs = [], []
-        with torch.no_grad():
+        with torch.no_grad(), backends.use(attention=self.attention):
             for _ in range(k):
                 # feed what the draft's cache has not seen yet: the whole prompt at first, then 1-2 tokens
                 new = sequence[:, self.kv_cache.get_seq_length() :]
@@ -218,7 +220,7 @@ def _make_drafter(pipeline, mode, draft):
         return PromptLookupDraft()
     if mode == "self":
         layers = draft if draft is not None else max(1, pipeline.shape.layers // 4)
-        return ModelDraft(self_draft_model(pipeline.model, layers))
+        return ModelDraft(self_draft_model(pipeline.model, layers), pipeline.attention)
     model = getattr(draft, "model", draft)
     if model is None:
         raise ValueError("speculative='draft' needs draft= a TextGenerationPipeline or a causal LM sharing the tokenizer")
@@ -227,4 +229,4 @@ def _make_drafter(pipeline, mode, draft):
         raise ValueError("the draft model's tokenizer differs from the target's; speculative decoding needs the same vocabulary")
     if vocab != pipeline.shape.vocab:
         raise ValueError(f"the draft's vocabulary ({vocab}) differs from the target's ({pipeline.shape.vocab})")
-    return ModelDraft(model)
+    return ModelDraft(model, pipeline.attention)

@@ -175,36 +175,35 @@ class TextGenerationPipeline:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         self._check_request(prompts, max_new_tokens, top_logprobs, num_draft_tokens, speculative, use_cache)
 
-        with backends.use(attention=self.attention):
-            self._sync_precision()
-            # 1. tokenize once: the prompt becomes token ids, left-padded into one batch
-            timer = StepTimer(self.device)
-            with timer.time() as timing:
-                input_ids, attention_mask = self._tokenize(prompts, chat)
-            context = self.context_length
-            if context is not None and input_ids.shape[1] + max_new_tokens > context:
-                raise ValueError(
-                    f"the prompt ({input_ids.shape[1]} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
-                    f"model's context of {context} tokens; shorten the prompt or lower max_new_tokens"
-                )
-            for i in range(len(prompts)):
-                ids = input_ids[i][attention_mask[i].bool()].tolist()
-                yield TokenStep(
-                    phase="tokenize", index=0, sequence=i, timing=timing, token_ids=ids,
-                    tokens=self.tokenizer.convert_ids_to_tokens(ids), shapes={"token_ids": (1, len(ids))},
-                )
-
-            if speculative is not None:
-                from .speculative import speculative_stream
-
-                yield from speculative_stream(
-                    self, input_ids, settings, max_new_tokens, top_logprobs, stops, speculative, draft,
-                    num_draft_tokens, stop_event,
-                )
-                return
-            yield from self._generate(
-                input_ids, attention_mask, settings, max_new_tokens, top_logprobs, stops, use_cache, stop_event
+        self._sync_precision()
+        # 1. tokenize once: the prompt becomes token ids, left-padded into one batch
+        timer = StepTimer(self.device)
+        with timer.time() as timing:
+            input_ids, attention_mask = self._tokenize(prompts, chat)
+        context = self.context_length
+        if context is not None and input_ids.shape[1] + max_new_tokens > context:
+            raise ValueError(
+                f"the prompt ({input_ids.shape[1]} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
+                f"model's context of {context} tokens; shorten the prompt or lower max_new_tokens"
             )
+        for i in range(len(prompts)):
+            ids = input_ids[i][attention_mask[i].bool()].tolist()
+            yield TokenStep(
+                phase="tokenize", index=0, sequence=i, timing=timing, token_ids=ids,
+                tokens=self.tokenizer.convert_ids_to_tokens(ids), shapes={"token_ids": (1, len(ids))},
+            )
+
+        if speculative is not None:
+            from .speculative import speculative_stream
+
+            yield from speculative_stream(
+                self, input_ids, settings, max_new_tokens, top_logprobs, stops, speculative, draft,
+                num_draft_tokens, stop_event,
+            )
+            return
+        yield from self._generate(
+            input_ids, attention_mask, settings, max_new_tokens, top_logprobs, stops, use_cache, stop_event
+        )
 
     # -----------------------------------------------------------------------------------------
     # The loop
@@ -267,7 +266,9 @@ class TextGenerationPipeline:
         `logits_to_keep` positions [batch, keep, vocab], and the shapes along the highway."""
         # left padding shifts each prompt: positions count real tokens only, as generate() does
         positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)[:, -new_ids.shape[1] :]
-        with torch.no_grad():
+        # the backend scope is entered around each model call, never held across a yield: a
+        # generator may be resumed from another thread, where a held context would not apply
+        with torch.no_grad(), backends.use(attention=self.attention):
             out = self.model(
                 input_ids=new_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=kv_cache,
                 use_cache=kv_cache is not None, logits_to_keep=logits_to_keep, output_hidden_states=True,
