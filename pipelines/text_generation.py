@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from studio import backends
+from studio import assets, backends
 from studio.backends.attention import check_name as check_attention_name
 from studio.events import Step
 from studio.inspect import decoder_shape, decoder_step_cost
@@ -104,8 +104,6 @@ class TextGenerationPipeline:
     ) -> "TextGenerationPipeline":
         """Load a causal LM by hub id, local folder or .gguf file; a shipped name resolves to its
         folder. safetensors only unless allow_pickle=True; remote code is never run."""
-        from studio import assets
-
         if attention is not None:
             check_attention_name(attention)  # fail before the slow part
         device = resolve_device(device)
