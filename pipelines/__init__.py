@@ -1,0 +1,2 @@
+from .latent_diffusion import LatentDiffusionPipeline
+from .text_generation import TextGenerationPipeline

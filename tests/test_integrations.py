@@ -77,6 +77,25 @@ def test_a_loaded_model_switches_backend_without_reloading():
     assert eager.attentions[0].shape == (1, 4, 6, 6)
 
 
+def test_t5_position_bias_reaches_the_backend():
+    """T5 adds a learned relative-position bias to its scores; dropping it changes the embeddings."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    model = T5EncoderModel(T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)).eval()
+    model.set_attn_implementation("eager")
+    ids = torch.randint(0, 100, (2, 7))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).last_hidden_state
+        studio_transformers.use_studio_attention(model)
+        for name in BACKENDS:
+            with backends.use(attention=name):
+                got = model(ids, attention_mask=mask).last_hidden_state
+            torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[1, :4], expected[1, :4], atol=1e-5, rtol=1e-5)
+
+
 def test_padding_mask_reaches_the_backend():
     """Without the mask registration transformers would build no mask and padding would leak."""
     torch.manual_seed(0)

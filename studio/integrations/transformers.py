@@ -48,6 +48,15 @@ def studio_attention_forward(
         # Prefill into an empty static cache: the keys past the prompt are empty slots, and the
         # skipped mask relied on top-left alignment. Our causal is bottom-right, so drop the slots.
         key, value = key[:, :, :q_len], value[:, :, :q_len]
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:
+        # T5-style relative position bias: an additive term on the scores, folded into the mask
+        if attention_mask is None:
+            attention_mask = position_bias
+        elif attention_mask.dtype == torch.bool:
+            attention_mask = position_bias.masked_fill(~attention_mask, float("-inf"))
+        else:
+            attention_mask = attention_mask + position_bias
     if backends.current().attention == "eager":
         out, weights = backends.attention(
             query, key, value, causal=causal, mask=attention_mask, scale=scaling, return_weights=True

@@ -1,0 +1,111 @@
+"""The diffusion lane's fast path: the same denoiser and VAE, laid out (and optionally compiled) for the GPU.
+
+    img = LatentDiffusionPipeline.from_pretrained("emoji-sd")                   # CUDA: on by default
+    img = LatentDiffusionPipeline.from_pretrained("emoji-sd", fast_path=False)  # as diffusers ships it
+    report = enable_fast_path(img, compile=True)     # also torch.compile the denoiser and VAE decoder
+    warm_up(img, height=512, width=512)              # compile now, and report how long it took
+
+Stock diffusers spends most of a step launching kernels and transposing layouts (shared/ANCHORS.md:
+6 % of matmul peak for SD-1.5's UNet). What changes, and why:
+  - channels-last memory for the denoiser and the VAE: cuDNN's fastest tensor-core convolutions
+    work in NHWC; with NCHW weights every convolution pays layout transposes around it.
+  - fused QKV: each self-attention's q, k and v projections become one matmul (cross-attention:
+    k and v), fused per `Attention` module so that the studio's processor, and with it the
+    attention kernel `backends.use()` chose, stays in place. diffusers' model-level
+    `fuse_qkv_projections()` would install its own FusedAttnProcessor2_0 and bypass the backends,
+    and DiT has no such method. The separate projections are kept (for unfusing) but never read.
+  - torch.compile, opt-in: inductor fuses the element-wise work (norms, activations, residuals)
+    around the matmuls and convolutions. It compiles lazily, at the first call per input shape,
+    and takes about a minute for SD-1.5's UNet (66 s in ANCHORS.md), so it is off unless asked
+    for; `warm_up()` compiles up front and records the wall time in the report, to be quoted next
+    to the step times it buys.
+  - batched classifier-free guidance (both passes as one batch of two) is the lane's default.
+None of it changes the arithmetic beyond floating-point order: images match the plain path's
+within tolerance.
+
+Depends on torch, diffusers' Attention and the studio core; never on Gradio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from time import perf_counter
+
+import torch
+from diffusers.models.attention_processor import Attention
+
+from studio import backends
+
+COMPILE_MODE = "max-autotune-no-cudagraphs"  # autotuned kernels; CUDA graphs left out, as the loop reads every output
+
+
+@dataclass
+class FastPathReport:
+    channels_last: list[str] = field(default_factory=list)  # the models now in channels-last memory
+    fused_attention: dict[str, int] = field(default_factory=dict)  # model -> Attention modules with fused projections
+    compiled: list[str] = field(default_factory=list)  # the modules torch.compile wraps
+    compile_mode: str | None = None
+    compile_s: float | None = None  # wall time of warm_up(): with compile, mostly compiling; None until measured
+
+
+def enable_fast_path(pipeline, compile: bool = False, mode: str = COMPILE_MODE) -> FastPathReport:
+    """Put a LatentDiffusionPipeline's denoiser and VAE on the fast path (in place; calling it
+    again only adds what is new, e.g. compile=True). Returns, and keeps as
+    pipeline.fast_path_report, what was done."""
+    report = getattr(pipeline, "fast_path_report", None) or FastPathReport()
+    for name, model in (("denoiser", pipeline.denoiser), ("vae", pipeline.vae)):
+        model.to(memory_format=torch.channels_last)
+        if name not in report.channels_last:
+            report.channels_last.append(name)
+        # fused layers are new nn.Linear modules: take the precision off first, so that putting it
+        # back (below) converts them too
+        backends.restore_precision(model)
+        fused = fuse_qkv(model)
+        if fused:
+            report.fused_attention[name] = report.fused_attention.get(name, 0) + fused
+    pipeline._sync_precision()
+    if compile:
+        for name, module in (("denoiser", pipeline.denoiser), ("vae decoder", pipeline.vae.decoder)):
+            if name not in report.compiled:
+                module.compile(mode=mode, dynamic=False)
+                report.compiled.append(name)
+        report.compile_mode = mode
+    pipeline.fast_path_report = report
+    return report
+
+
+def fuse_qkv(model: torch.nn.Module) -> int:
+    """Fuse the projections of every diffusers Attention in `model` that is not fused yet; returns
+    how many were. The studio's processor reads `to_qkv` / `to_kv` once `fused_projections` is set."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Attention) and not getattr(module, "fused_projections", False):
+            module.fuse_projections()
+            count += 1
+    return count
+
+
+def unread_projections(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The separate projections that fused attention layers no longer call: their weights take
+    memory but are not read by a forward pass."""
+    unread = []
+    for module in model.modules():
+        if isinstance(module, Attention) and getattr(module, "fused_projections", False):
+            self_attention = getattr(module, "to_qkv", None) is not None
+            unread += [module.to_q, module.to_k, module.to_v] if self_attention else [module.to_k, module.to_v]
+    return unread
+
+
+def warm_up(pipeline, prompt: str = "", steps: int = 2, **kwargs) -> float:
+    """Generate once and return the wall-clock seconds (also stored as the report's compile_s).
+    With compile=True the first call per input shape compiles, so this is the compile time to
+    quote; pass the size and guidance of the runs to be measured, as each new shape compiles anew."""
+    synchronize = getattr(torch, pipeline.device.type).synchronize
+    synchronize()
+    started = perf_counter()
+    pipeline(prompt, steps=steps, **kwargs)
+    synchronize()
+    seconds = perf_counter() - started
+    if getattr(pipeline, "fast_path_report", None) is not None:
+        pipeline.fast_path_report.compile_s = seconds
+    return seconds
