@@ -11,7 +11,8 @@ The loop is ours; the model is transformers' own. It reads like the highway it i
     an end-of-sequence token, a stop string or the token limit.
 
 With use_cache=False every step re-runs the whole sequence instead, so each token costs more than
-the last: the staircase the KV cache flattens. Speculative decoding lives in speculative.py.
+the last: the staircase the KV cache flattens. Speculative decoding lives in speculative.py, the
+GPU fast path (static cache, CUDA-graph decode step, same events) in fast_decode.py.
 
 Depends on torch, transformers and the studio core; never on Gradio.
 """
@@ -91,6 +92,7 @@ class TextGenerationPipeline:
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids, default=0)
+        self.fast_decoder = None  # the GPU fast path's decoder (fast_decode.py), built on first use
 
     @classmethod
     def from_pretrained(
@@ -160,6 +162,7 @@ class TextGenerationPipeline:
         draft=None,
         num_draft_tokens: int = 4,
         stop_event: threading.Event | None = None,
+        fast_path: bool | None = None,
     ):
         """Yield a TokenStep for every step: tokenize, prefill, then each decode step.
 
@@ -167,11 +170,16 @@ class TextGenerationPipeline:
         tokenizer), "prompt-lookup" (n-grams of the context) or "self" (the target's first
         layers; draft= the number of layers, default a quarter). Stop between steps by closing
         the generator or setting stop_event; the KV cache is freed either way.
+        fast_path: a static KV cache and a CUDA-graph decode step (fast_decode.py), same events;
+        None: on for CUDA where the model and request allow it, True: on (eager on the CPU), False: off.
         """
         settings = SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         self._check_request(prompts, max_new_tokens, top_logprobs, num_draft_tokens, speculative, use_cache)
+        from .fast_decode import fast_generate, wants_fast_path
+
+        fast = wants_fast_path(self, fast_path, use_cache, speculative)
 
         self._sync_precision()
         # 1. tokenize once: the prompt becomes token ids, left-padded into one batch
@@ -198,6 +206,9 @@ class TextGenerationPipeline:
                 self, input_ids, settings, max_new_tokens, top_logprobs, stops, speculative, draft,
                 num_draft_tokens, stop_event,
             )
+            return
+        if fast:
+            yield from fast_generate(self, input_ids, attention_mask, settings, max_new_tokens, top_logprobs, stops, stop_event)
             return
         yield from self._generate(
             input_ids, attention_mask, settings, max_new_tokens, top_logprobs, stops, use_cache, stop_event

@@ -1,0 +1,344 @@
+"""The GPU fast paths of both lanes, against the plain loops they replace.
+
+On the CPU the LLM fast path runs eagerly (static cache, fused weights, in-step sampling: all but
+the graph), which is what most tests here check; the CUDA-graph tests run where a GPU is present
+and are skipped cleanly elsewhere.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DiTTransformer2DModel
+from test_latent_diffusion import SIZE, ours, tiny_sd_components, tiny_vae
+from tiny_llms import byte_tokenizer, tiny_llm
+from transformers import DynamicCache
+
+from pipelines import LatentDiffusionPipeline
+from pipelines.fast_decode import (
+    MIN_CACHE_LENGTH,
+    CapturedStep,
+    FastDecoder,
+    StepSampler,
+    cache_length,
+)
+from pipelines.fast_diffusion import enable_fast_path, warm_up
+from pipelines.sampling import SamplingSettings
+from pipelines.text_generation import TextGenerationPipeline
+from studio import backends
+from studio.backends.precision import PrecisionLinear
+from studio.integrations.diffusers import StudioAttnProcessor
+
+PROMPT = "The cat sat on the mat. The cat sat"
+PROMPTS = [PROMPT, "A dog", "Once upon a time there"]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph path needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def llm(request, tokenizer):
+    return TextGenerationPipeline(tiny_llm(request.param), tokenizer)
+
+
+def assert_same_events(plain, fast):
+    """Same tokens, same alternatives in the same order, the same probabilities within rounding."""
+    assert fast.token_ids == plain.token_ids
+    assert fast.finish_reason == plain.finish_reason
+    assert [e.phase for e in fast.steps] == [e.phase for e in plain.steps]
+    for a, b in zip(plain.steps[1:], fast.steps[1:]):
+        assert (b.index, b.text, b.shapes, b.flops, b.bytes) == (a.index, a.text, a.shapes, a.flops, a.bytes)
+        assert b.logprob == pytest.approx(a.logprob, abs=1e-4)
+        for top_a, top_b in ((a.top, b.top), (a.top_processed, b.top_processed)):
+            assert [(text, i) for text, i, _ in top_b] == [(text, i) for text, i, _ in top_a]
+            assert [p for *_, p in top_b] == pytest.approx([p for *_, p in top_a], abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The LLM lane: the same events as the plain loop
+
+
+def test_greedy_matches_the_plain_loop(llm):
+    assert_same_events(llm(PROMPT, max_new_tokens=16, fast_path=False), llm(PROMPT, max_new_tokens=16, fast_path=True))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(temperature=1.0, top_k=50, top_p=0.95, seed=3),
+        dict(temperature=0.7, min_p=0.1, repetition_penalty=1.2, seed=5),
+        dict(repetition_penalty=1.3),  # greedy with a penalty
+    ],
+    ids=["top-k-top-p", "min-p-penalty", "greedy-penalty"],
+)
+def test_sampling_inside_the_step_draws_the_plain_loops_tokens(llm, settings):
+    plain = llm(PROMPT, max_new_tokens=16, fast_path=False, **settings)
+    assert_same_events(plain, llm(PROMPT, max_new_tokens=16, fast_path=True, **settings))
+
+
+def test_padded_batch_matches_the_plain_loop(llm):
+    plain = llm(PROMPTS, max_new_tokens=10, fast_path=False)
+    for plain_output, fast_output in zip(plain, llm(PROMPTS, max_new_tokens=10, fast_path=True)):
+        assert_same_events(plain_output, fast_output)
+
+
+def test_precision_follows_the_pipeline(llm):
+    with backends.use(precision="int8"):
+        plain = llm(PROMPT, max_new_tokens=8, fast_path=False)
+        fast = llm(PROMPT, max_new_tokens=8, fast_path=True)
+    assert llm.fast_decoder.precision == "int8"
+    assert any(isinstance(m, PrecisionLinear) for m in llm.fast_decoder.model.modules())
+    assert_same_events(plain, fast)
+    llm(PROMPT, max_new_tokens=2, fast_path=True)  # back to the model's own precision
+    assert llm.fast_decoder.precision is None
+
+
+def test_events_report_the_static_cache(llm):
+    out = llm(PROMPT, max_new_tokens=4, fast_path=True)
+    cache = llm.fast_decoder.last_session.cache
+    assert cache.max_len == MIN_CACHE_LENGTH
+    assert all(e.kv_cache_bytes == cache.nbytes for e in out.steps[1:])
+    assert out.steps[1].shapes["token_ids"] == (1, len(out.steps[0].token_ids))
+    assert out.steps[2].shapes["token_ids"] == (1, 1)
+
+
+def test_stops_at_a_stop_string_and_the_session_is_reused(llm):
+    plain = llm(PROMPT, max_new_tokens=20, stop=" ", fast_path=False)
+    fast = llm(PROMPT, max_new_tokens=20, stop=" ", fast_path=True)
+    session = llm.fast_decoder.last_session
+    assert_same_events(plain, fast)
+    llm(PROMPT, max_new_tokens=20, stop=" ", fast_path=True)
+    assert llm.fast_decoder.last_session is session  # same shapes and settings: cache (and graph) kept
+    llm(PROMPTS, max_new_tokens=4, fast_path=True)
+    assert llm.fast_decoder.last_session is not session  # a new batch size: a new session
+
+
+def test_a_closed_stream_frees_the_session(llm):
+    stream = llm.stream(PROMPT, max_new_tokens=10, fast_path=True)
+    for _ in range(3):
+        next(stream)
+    stream.close()
+    assert not llm.fast_decoder._busy
+    assert_same_events(llm(PROMPT, max_new_tokens=10, fast_path=False), llm(PROMPT, max_new_tokens=10, fast_path=True))
+
+
+def test_a_concurrent_stream_gets_its_own_session(llm):
+    expected = llm(PROMPT, max_new_tokens=6, fast_path=False).token_ids
+    first = llm.stream(PROMPT, max_new_tokens=6, fast_path=True)
+    next(first), next(first)  # tokenize, prefill: the kept session is now in use
+    assert llm(PROMPT, max_new_tokens=6, fast_path=True).token_ids == expected
+    assert [e.token_id for e in first] == expected[1:]
+
+
+def test_stop_event_ends_generation(llm):
+    stop = threading.Event()
+    events = []
+    for event in llm.stream(PROMPT, max_new_tokens=20, fast_path=True, stop_event=stop):
+        events.append(event)
+        if event.phase == "decode" and event.index == 2:
+            stop.set()
+    assert events[-1].index == 2 and not llm.fast_decoder._busy
+
+
+# ---------------------------------------------------------------------------------------------
+# The static cache and the decode step
+
+
+def test_static_cache_is_written_at_input_pos_and_matches_transformers(tokenizer):
+    model = tiny_llm("llama")
+    ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+    decoder = FastDecoder(model)
+    steps = 5
+    with decoder.session(1, 64, StepSampler(SamplingSettings(), top_n=3)) as session, torch.no_grad():
+        out = session.prefill(ids, torch.ones_like(ids), generator=None)
+        tokens = [int(out.next_token)]
+        assert session.cache.filled == int(session.input_pos) == ids.shape[1]
+        for _ in range(steps):
+            out = session.decode(generator=None)
+            tokens.append(int(out.next_token))
+            assert session.cache.filled == int(session.input_pos)
+            assert int(session.token) == tokens[-1]  # the step feeds its own token to the next replay
+        cache = session.cache
+    filled = ids.shape[1] + steps
+    assert cache.filled == filled
+    assert cache.valid[0].tolist() == [True] * filled + [False] * (64 - filled)
+    # the same sequence through transformers: its dynamic cache holds the same K and V
+    reference = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.cat([ids, torch.tensor([tokens[:-1]])], dim=1), past_key_values=reference, use_cache=True)
+    for layer, expected in enumerate(reference.layers):
+        torch.testing.assert_close(cache.keys[layer][:, :, :filled], expected.keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cache.values[layer][:, :, :filled], expected.values, atol=1e-5, rtol=1e-4)
+        assert not cache.keys[layer][:, :, filled:].any()  # nothing written past input_pos
+    assert out.top_raw_ids.shape == out.top_processed_ids.shape == (1, 3) and out.logprob.shape == (1,)
+
+
+def test_cache_length_is_a_power_of_two_within_the_context():
+    assert cache_length(10, None) == MIN_CACHE_LENGTH
+    assert cache_length(MIN_CACHE_LENGTH + 1, None) == 2 * MIN_CACHE_LENGTH
+    assert cache_length(1000, 2048) == 1024
+    assert cache_length(3000, 4096) == 4096
+    assert cache_length(100, 128) == 128  # never past the model's context
+
+
+def test_weights_are_shared_and_fused(tokenizer):
+    model = tiny_llm("qwen2")  # Qwen2: biases on q, k and v, fused with them
+    decoder = FastDecoder(model)
+    block, layer = decoder.model.layers[0], model.model.layers[0]
+    assert block.wo.weight is layer.self_attn.o_proj.weight and block.w2.weight is layer.mlp.down_proj.weight
+    assert decoder.model.lm_head.weight is model.lm_head.weight
+    attn = layer.self_attn
+    fused = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    torch.testing.assert_close(block.wqkv.weight, fused)
+    torch.testing.assert_close(block.wqkv.bias, torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+    assert block.w13.weight.shape == (2 * model.config.intermediate_size, model.config.hidden_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the path
+
+
+def test_on_the_cpu_the_default_is_the_plain_loop(tokenizer):
+    llm = TextGenerationPipeline(tiny_llm("llama"), tokenizer)
+    llm(PROMPT, max_new_tokens=2)
+    assert llm.fast_decoder is None
+
+
+def test_an_unsupported_model_refuses_fast_path_true_and_defaults_to_the_plain_loop(tokenizer):
+    llm = TextGenerationPipeline(tiny_llm("gpt2"), tokenizer)
+    with pytest.raises(ValueError, match="GPT2LMHeadModel is not a model the fast path implements"):
+        llm(PROMPT, max_new_tokens=2, fast_path=True)
+    assert len(llm(PROMPT, max_new_tokens=3, fast_path=None).token_ids) == 3
+    assert llm.fast_decoder is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(use_cache=False), "use_cache=False"),
+        (dict(speculative="prompt-lookup"), "speculative decoding"),
+        (dict(fast_path="yes"), "fast_path must be True, False or None"),
+    ],
+)
+def test_requests_the_fast_path_cannot_serve_get_a_clear_error(llm, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        llm(PROMPT, max_new_tokens=2, **{"fast_path": True, **kwargs})
+
+
+def test_graphs_need_cuda():
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        FastDecoder(tiny_llm("llama"), graph=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA graph (run where a GPU is present)
+
+
+@pytest.fixture(scope="module")
+def cuda_llm(tokenizer):
+    return TextGenerationPipeline(tiny_llm("llama").to("cuda"), tokenizer)
+
+
+@cuda
+@pytest.mark.parametrize("compile", [False, True], ids=["graph", "compile+graph"])
+def test_cuda_graph_decode_matches_the_plain_loop(cuda_llm, compile):
+    cuda_llm.fast_decoder = FastDecoder(cuda_llm.model, compile=compile)
+    plain = cuda_llm(PROMPT, max_new_tokens=16, fast_path=False)
+    fast = cuda_llm(PROMPT, max_new_tokens=16)  # None: on for CUDA
+    session = cuda_llm.fast_decoder.last_session
+    assert isinstance(session.step, CapturedStep) and session.capture_s is not None and session.warmup_s is not None
+    assert_same_events(plain, fast)
+    assert all(e.ms > 0 for e in fast.steps[1:])  # CUDA-event timings around each replay
+    plain_batch = cuda_llm(PROMPTS, max_new_tokens=8, fast_path=False)
+    for plain_output, fast_output in zip(plain_batch, cuda_llm(PROMPTS, max_new_tokens=8)):
+        assert_same_events(plain_output, fast_output)
+
+
+@cuda
+def test_cuda_graph_sampling_draws_the_plain_loops_tokens(cuda_llm):
+    cuda_llm.fast_decoder = FastDecoder(cuda_llm.model, compile=False)
+    settings = dict(temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.1, seed=11)
+    plain = cuda_llm(PROMPT, max_new_tokens=16, fast_path=False, **settings)
+    assert_same_events(plain, cuda_llm(PROMPT, max_new_tokens=16, **settings))
+
+
+@cuda
+def test_cuda_bf16_graph_decode_stays_close_to_the_plain_loop(tokenizer):
+    llm = TextGenerationPipeline(tiny_llm("qwen2").to("cuda", torch.bfloat16), tokenizer)
+    llm.fast_decoder = FastDecoder(llm.model, compile=False)
+    plain = llm(PROMPT, max_new_tokens=16, fast_path=False)
+    fast = llm(PROMPT, max_new_tokens=16)
+    # bf16 rounding differs between fused and separate matmuls: the first tokens must agree
+    assert fast.token_ids[:4] == plain.token_ids[:4]
+
+
+# ---------------------------------------------------------------------------------------------
+# The diffusion lane
+
+
+def generate(pipe, **kwargs):
+    settings = {"steps": 3, "guidance_scale": 5.0, "seed": 0, "height": SIZE, "width": SIZE}
+    return pipe("a red apple", **{**settings, **kwargs})
+
+
+def test_diffusion_fast_path_keeps_the_image_and_the_studio_attention():
+    plain = generate(ours(tiny_sd_components()))
+    pipe = ours(tiny_sd_components(), fast_path=True)  # the same seeded weights, then laid out for speed
+    report = pipe.fast_path_report
+    assert report.channels_last == ["denoiser", "vae"] and report.fused_attention["denoiser"] > 0
+    assert pipe.denoiser.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    attentions = [m for m in pipe.denoiser.modules() if hasattr(m, "fused_projections")]
+    assert all(m.fused_projections and isinstance(m.processor, StudioAttnProcessor) for m in attentions)
+    fast = generate(pipe)
+    np.testing.assert_allclose(fast.pixels, plain.pixels, atol=1e-4)
+    with backends.use(attention="eager"):  # the kernel choice still reaches the fused layers
+        np.testing.assert_allclose(generate(pipe).pixels, plain.pixels, atol=1e-4)
+    # the separate projections are kept but not read: the weight bytes are those of the plain path
+    assert pipe.weight_bytes == ours(tiny_sd_components()).weight_bytes
+    assert warm_up(pipe, height=SIZE, width=SIZE) == pipe.fast_path_report.compile_s > 0
+
+
+def test_diffusion_fast_path_on_a_class_conditioned_dit():
+    def dit():
+        torch.manual_seed(0)
+        transformer = DiTTransformer2DModel(
+            sample_size=16, num_layers=2, patch_size=4, attention_head_dim=8, num_attention_heads=2, in_channels=4,
+            out_channels=8, attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+            norm_type="ada_norm_zero", norm_elementwise_affine=False,
+        ).eval()
+        return transformer, tiny_vae(), DDIMScheduler()
+
+    plain = LatentDiffusionPipeline(*dit(), class_ids={"goldfish": 1})("goldfish", steps=3, guidance_scale=4.0)
+    pipe = LatentDiffusionPipeline(*dit(), class_ids={"goldfish": 1}, fast_path=True)
+    assert pipe.fast_path_report.fused_attention["denoiser"] == 2
+    np.testing.assert_allclose(pipe("goldfish", steps=3, guidance_scale=4.0).pixels, plain.pixels, atol=1e-4)
+
+
+def test_diffusion_precision_reaches_the_fused_layers():
+    pipe = ours(tiny_sd_components(), precision="bf16")
+    enable_fast_path(pipe)
+    fused = [m.to_qkv for m in pipe.denoiser.modules() if getattr(m, "to_qkv", None) is not None]
+    assert fused and all(isinstance(layer, PrecisionLinear) and layer.precision == "bf16" for layer in fused)
+
+
+def test_diffusion_fast_path_is_off_by_default_on_the_cpu():
+    assert ours(tiny_sd_components()).fast_path_report is None
+
+
+@cuda
+def test_cuda_diffusion_fast_path_with_compile_stays_within_tolerance():
+    def pipe(**kwargs):
+        parts = tiny_sd_components()
+        parts = {k: v.to("cuda", torch.float16) if isinstance(v, torch.nn.Module) else v for k, v in parts.items()}
+        return ours(parts, **kwargs)
+
+    plain = generate(pipe(fast_path=False))
+    fast_pipe = pipe()  # None: on for CUDA
+    enable_fast_path(fast_pipe, compile=True, mode="default")  # no autotuning: a test, not a benchmark
+    seconds = warm_up(fast_pipe, height=SIZE, width=SIZE, guidance_scale=5.0)
+    assert fast_pipe.fast_path_report.compile_s == seconds > 0
+    np.testing.assert_allclose(generate(fast_pipe).pixels, plain.pixels, atol=2e-2)
