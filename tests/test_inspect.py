@@ -1,0 +1,138 @@
+"""The inspector: what a config.json predicts, checked exactly against real tiny models and the lanes' events."""
+
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel
+from tiny_llms import byte_tokenizer, tiny_llm
+
+from pipelines.text_generation import TextGenerationPipeline
+from studio import inspect as studio_inspect
+from studio.cli import main
+from studio.profiling import known_devices
+
+PROMPT = "The cat sat on the mat."
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_llm_parameters_and_bytes_equal_a_real_tiny_model(family, dtype):
+    model = tiny_llm(family).to(studio_inspect.TORCH_DTYPES[dtype])
+    analysis = studio_inspect.analyse(model.config.to_dict(), dtype=dtype)
+    assert analysis.parameters == model.num_parameters()
+    assert analysis.weight_bytes[dtype] == sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def tiny_unet():
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=32,
+    )
+
+
+def tiny_dit():
+    return DiTTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=2,
+        attention_head_dim=16, num_embeds_ada_norm=10, norm_type="ada_norm_zero",
+    )
+
+
+def tiny_pixart():
+    return PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
+        in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+    )
+
+
+@pytest.mark.parametrize("make", [tiny_unet, tiny_dit, tiny_pixart], ids=["unet", "dit", "pixart"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_denoiser_parameters_and_bytes_equal_a_real_tiny_model(make, dtype):
+    model = make().to(studio_inspect.TORCH_DTYPES[dtype])
+    config = {"_class_name": type(model).__name__, **dict(model.config)}
+    analysis = studio_inspect.analyse(config, dtype=dtype)
+    assert analysis.kind == "diffusion"
+    assert analysis.parameters == model.num_parameters()
+    assert analysis.weight_bytes[dtype] == sum(p.numel() * p.element_size() for p in model.parameters())
+    assert analysis.workload("denoise step").flops > 0
+
+
+@pytest.mark.parametrize("name, parameters", [
+    ("smollm2-135m", 134_515_008), ("llama-3.2-1b", 1_235_814_400), ("llama-3.1-8b", 8_030_261_248),
+    ("qwen2.5-0.5b", 494_032_768), ("gpt2", 124_439_808),
+])
+def test_reference_llm_configs_have_the_published_parameter_counts(name, parameters):
+    config = studio_inspect.load_config(name).config
+    assert studio_inspect.llm_on_meta(config).num_parameters() == parameters
+
+
+def test_reference_unet_config_has_the_published_parameter_count():
+    config = studio_inspect.load_config("sd-1.5-unet").config
+    assert studio_inspect.diffusers_on_meta(config).num_parameters() == 859_520_964
+
+
+def test_reference_names_are_forgiving():
+    for spelling, name in [("Llama-3.2-1B", "llama-3.2-1b"), ("DiT-XL/2", "dit-xl-2-256"), ("SD-1.5 UNet", "sd-1.5-unet"),
+                           ("SmolLM2-135M", "smollm2-135m")]:
+        assert studio_inspect.find_reference(spelling).name == name
+    assert "tiny-llama" not in studio_inspect.reference_configs()
+    assert "tiny-llama" in studio_inspect.reference_configs(tiny=True)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return TextGenerationPipeline(tiny_llm("llama"), byte_tokenizer())
+
+
+def test_kv_bytes_per_token_equal_what_the_lane_allocates(llm):
+    analysis = studio_inspect.analyse(llm.model.config.to_dict(), dtype="fp32")
+    events = list(llm.stream(PROMPT, max_new_tokens=8))
+    prompt_len, generated = len(events[0].token_ids), len(events) - 1
+    # after the last step the cache holds the prompt and every generated token but the last
+    assert events[-1].kv_cache_bytes == analysis.kv_bytes_per_token * (prompt_len + generated - 1)
+    assert analysis.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4  # K and V x 2 layers x 2 KV heads x 16 dims x fp32
+
+
+def test_prefill_and_decode_work_equal_the_lane_events(llm):
+    events = list(llm.stream(PROMPT, max_new_tokens=3))
+    prompt_len = len(events[0].token_ids)
+    analysis = studio_inspect.analyse(llm.model.config.to_dict(), dtype="fp32", prompt_tokens=prompt_len)
+    prefill, first_decode = events[1], events[2]
+    assert (prefill.flops, prefill.bytes) == (analysis.workload("prefill").flops, analysis.workload("prefill").bytes)
+    assert (first_decode.flops, first_decode.bytes) == (analysis.workload("decode").flops, analysis.workload("decode").bytes)
+
+
+def test_every_known_device_gets_a_prediction_and_the_bounds_follow_the_roofline():
+    analysis = studio_inspect.analyse("llama-3.2-1b", prompt_tokens=2048)
+    assert analysis.devices == known_devices()
+    for device in analysis.devices:
+        assert analysis.predicted(device, "decode").bound == "memory"
+    h100 = analysis.predicted("H100 SXM", "decode")
+    # decode reads every weight once: 2.47 GB of bf16 at 3.35 TB/s
+    assert h100.ms == pytest.approx(analysis.workload("decode").bytes / 3.35e12 * 1e3)
+    assert analysis.predicted("H100 SXM", "prefill").bound == "compute"
+    assert studio_inspect.analyse("llama-3.2-1b", device="h100").devices == ["H100 SXM", "H100 PCIe"]
+
+
+def test_inspect_prints_parameters_kv_bytes_and_a_bound_per_known_device(capsys):
+    assert main(["inspect", "tiny-llama", "--results", "/nonexistent.json"]) == 2  # a named results file must exist
+    capsys.readouterr()
+    assert main(["inspect", "tiny-llama"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters" in out and "107,072" in out
+    assert "bytes/token" in out
+    for device in known_devices():
+        assert device in out
+    assert "memory" in out  # decode is memory-bound everywhere
+
+
+def test_inspect_analyses_a_diffusion_pipeline_folder(capsys):
+    assert main(["inspect", "tiny-sd", "--device", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "UNet2DConditionModel" in out and "denoise step" in out and "vae decode" in out
+    assert "H100 SXM" in out and "A100" not in out
+
+
+def test_an_unknown_config_is_a_clear_error(capsys):
+    assert main(["inspect", "no-such-model"]) == 2
+    assert "reference config" in capsys.readouterr().err
