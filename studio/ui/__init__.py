@@ -15,7 +15,7 @@ from pipelines import LatentDiffusionPipeline, TextGenerationPipeline
 from studio import assets, backends
 from studio.profiling import ceilings_for
 
-from . import render
+from . import inspector, render
 
 try:  # on a Hugging Face ZeroGPU Space, each lane run gets a GPU for its duration
     import spaces
@@ -85,6 +85,10 @@ def build_app(models: Models | None = None) -> gr.Blocks:
         )
         with gr.Tab("Studio"):
             _studio_tab(models, default_device)
+        with gr.Tab("Inspector"):
+            inspector.inspector_tab(default_device)
+        with gr.Tab("Benchmarks"):
+            inspector.benchmarks_tab(models, default_device)
         with gr.Tab("Backends"):
             with gr.Row():
                 device = gr.Dropdown(devices(), value=default_device, label="device")
