@@ -1,0 +1,527 @@
+"""The OpenAI-compatible API: the LLM lane served over HTTP, so that the `openai` client, curl or
+another studio's remote lane (pipelines/remote.py) can use a model this machine runs.
+
+    api = create_api({"smollm2-135m": llm})   # or create_api(): the shipped model, loaded on first use
+    uvicorn.run(api, port=8000)                # `studio serve --api-only` does this
+
+    POST /v1/completions        prompt (a string or a list of strings) -> text
+    POST /v1/chat/completions   messages -> the assistant's reply, through the model's chat template
+    GET  /v1/models             the names served
+
+The JSON is OpenAI's, with vLLM's shape for a completion's log-probabilities (`tokens`,
+`token_logprobs`, `top_logprobs`, `text_offset`) and vLLM's extra sampling fields (`top_k`,
+`min_p`, `repetition_penalty`, and `stop_reason` in the answer). Every number comes from the
+pipeline's own events: a client sees exactly the log-probabilities the studio shows, taken from
+the model's raw distribution (before temperature and top-p, as vLLM reports them).
+
+What the lane cannot honour is refused with a 400 rather than silently ignored (vLLM's choice, not
+OpenAI's): `n` or `best_of` above 1, `echo`, `suffix`, `logit_bias`, presence and frequency
+penalties, token-id prompts and any field this module does not know (tools, response_format...).
+`user` is accepted and ignored: it only labels the caller.
+
+Generation runs in a worker thread, apart from the client that asked for it: one request at a
+time per model, its events buffered per request. The event loop keeps answering while a model
+works, and a client that reads slowly holds only its own buffer, never the model.
+
+Depends on FastAPI (with starlette and pydantic) and the studio core. Like the CLI it sits above
+the lanes: it imports the LLM lane only to load a model by name. Never imports Gradio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import math
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Annotated, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+MAX_LOGPROBS = 20  # OpenAI's limit for chat, vLLM's default max_logprobs
+# A probability that underflowed to 0 has no finite log and JSON has no -inf: report vLLM's floor.
+LOGPROB_FLOOR = -9999.0
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # the lane's -> OpenAI's
+
+# OpenAI parameters the lane cannot honour: accepted only at their neutral value.
+NEUTRAL_VALUES = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "logit_bias": None,
+                  "presence_penalty": 0.0, "frequency_penalty": 0.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+# ---------------------------------------------------------------------------------------------
+
+StopString = Annotated[str, Field(min_length=1)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # an unknown field is a parameter we would ignore: refuse it
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _GenerationRequest(_Strict):
+    """The fields both endpoints share."""
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's default: sampling, not greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: StopString | list[StopString] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | Annotated[list[str], Field(min_length=1)]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # how many alternatives per token
+    echo: bool = False
+    best_of: int = 1
+    suffix: str | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def as_template_input(self) -> dict:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        # chat templates know "system"; "developer" is OpenAI's newer name for it
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class ChatRequest(_GenerationRequest):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+
+
+class APIError(Exception):
+    """An error the client gets as OpenAI's error object, with its HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def parse_request(model: type[BaseModel], raw: bytes) -> BaseModel:
+    """The JSON body as `model`, whatever the Content-Type says (curl -d sends a form type)."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise APIError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
+    try:
+        request = model.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = str(first["loc"][0]) if first["loc"] else None  # the request's field, as OpenAI names it
+        if first["type"] == "extra_forbidden":
+            raise APIError(400, f"unsupported parameter: {param!r} is not supported by this server",
+                           param=param, code="unsupported_parameter") from None
+        where = ".".join(str(part) for part in first["loc"])  # down to the item, e.g. messages.0.role
+        raise APIError(400, f"{where}: {first['msg']}" if where else first["msg"], param=param) from None
+    for param, neutral in NEUTRAL_VALUES.items():
+        value = getattr(request, param, neutral)
+        if value != neutral and value != {}:
+            raise APIError(400, f"unsupported parameter: {param}={value!r}; this server supports only {neutral!r}",
+                           param=param, code="unsupported_parameter")
+    return request
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and their generations
+# ---------------------------------------------------------------------------------------------
+
+
+def loader(name_or_path: str, **options) -> Callable[[], object]:
+    """A function that loads `name_or_path` as a TextGenerationPipeline (options go to
+    from_pretrained), for create_api to call on the first request that names the model."""
+
+    def load():
+        from pipelines.text_generation import TextGenerationPipeline
+
+        return TextGenerationPipeline.from_pretrained(name_or_path, **options)
+
+    return load
+
+
+class _ServedModel:
+    """One served model: its pipeline, or the loader that makes it on first use, and its lock."""
+
+    def __init__(self, name: str, source):
+        self.name = name
+        self.created = int(time.time())
+        is_pipeline = hasattr(source, "stream")
+        self._pipeline = None
+        self._load = None if is_pipeline else source
+        self.tokenizer = None  # the answers' own copy of the lane's tokenizer, once loaded
+        if is_pipeline:
+            self._take(source)
+        self._loading = asyncio.Lock()
+        # One generation at a time: a pipeline call switches the model's attention backend and
+        # precision for its duration, so two calls at once could run under each other's settings.
+        self.busy = asyncio.Lock()
+
+    async def pipeline(self):
+        async with self._loading:
+            if self._pipeline is None:
+                try:
+                    self._take(await run_in_threadpool(self._load))
+                except Exception as error:
+                    raise APIError(500, f"the model {self.name!r} could not be loaded: {error}", code="model_load_failed")
+        return self._pipeline
+
+    def _take(self, pipeline):
+        self._pipeline = pipeline
+        # The lane uses its tokenizer in the worker thread (and sets its padding there); a Rust
+        # tokenizer used by two threads at once fails ("Already borrowed"), so the answers are
+        # written, on the event loop, with a copy.
+        self.tokenizer = copy.deepcopy(pipeline.tokenizer)
+
+
+class _Generation:
+    """One request's events: produced in a worker thread under the model's lock, buffered here
+    until the client takes them. The buffer holds at most max_tokens events per prompt."""
+
+    _END = object()
+
+    def __init__(self, model: _ServedModel, pipeline, prompt, options: dict):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.stop = threading.Event()  # set when the client has gone: the lane stops after its current step
+        self.task = asyncio.create_task(self._produce(model, pipeline, prompt, options))
+
+    async def _produce(self, model, pipeline, prompt, options):
+        try:
+            async with model.busy:
+                if self.stop.is_set():  # the client left while waiting for the model
+                    return
+                events = pipeline.stream(prompt, stop_event=self.stop, **options)
+                try:
+                    async for event in iterate_in_threadpool(events):
+                        self.queue.put_nowait(event)
+                finally:
+                    events.close()  # frees the KV cache now, even if the client left mid-way
+        except Exception as error:
+            self.queue.put_nowait(error)
+        finally:
+            self.queue.put_nowait(self._END)
+
+    async def next(self):
+        """The next event; None at the end. A failure in the lane is raised here."""
+        item = await self.queue.get()
+        if isinstance(item, Exception):
+            raise item
+        return None if item is self._END else item
+
+    async def prompt_tokens(self, prompts: int) -> int:
+        """Wait for the tokenize events (one per prompt) and count the prompts' tokens. The lane
+        checks its input before it tokenizes, so a bad request fails here, before any response."""
+        total = 0
+        for _ in range(prompts):
+            try:
+                event = await self.next()
+            except ValueError as error:
+                raise APIError(400, str(error)) from None
+            except Exception as error:
+                raise APIError(500, f"generation failed: {error}") from None
+            if event is None:  # stopped before it began
+                break
+            total += len(event.token_ids)
+        return total
+
+    async def tokens(self):
+        while (event := await self.next()) is not None:
+            yield event
+
+
+def sampling_options(request: _GenerationRequest, max_tokens: int, top_logprobs: int) -> dict:
+    """The pipeline's stream() arguments for a request."""
+    return dict(
+        max_new_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+        min_p=request.min_p, repetition_penalty=request.repetition_penalty,
+        # no seed means a fresh draw every time, as OpenAI and vLLM do
+        seed=request.seed if request.seed is not None else secrets.randbelow(2**63),
+        top_logprobs=top_logprobs, stop=request.stops(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Answers: the lane's events as OpenAI's JSON
+# ---------------------------------------------------------------------------------------------
+
+
+def _logprob(prob: float) -> float:
+    return math.log(prob) if prob > 0 else LOGPROB_FLOOR
+
+
+class _Choice:
+    """One prompt's answer as its events arrive: the text, the token strings, the finish."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.text, self.tokens, self.events, self.token_ids = "", [], [], []
+        self.offsets, self._chars = [], 0  # where each token string starts, counting the ones before it
+        self.finish_reason = self.stop_reason = None
+
+    def add(self, event):
+        """Take one token event. Its `text` is what it added to the answer (held back while it could
+        be part of a stop string); the token's own text is what logprobs report."""
+        self.text += event.text
+        token = self.tokenizer.decode([event.token_id])
+        self.tokens.append(token)
+        self.offsets.append(self._chars)
+        self._chars += len(token)
+        self.events.append(event)
+        self.token_ids.append(event.token_id)
+        if event.finish_reason:
+            self.finish_reason = FINISH_REASONS.get(event.finish_reason, event.finish_reason)
+            if event.finish_reason == "stop":
+                self.stop_reason = self._stop_string()
+
+    def _stop_string(self) -> str | None:
+        """vLLM's stop_reason: which stop string ended the answer (the earliest in the text)."""
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return min((s for s in self.stops if s in text), key=text.find, default=None)
+
+    def completion_logprobs(self, start: int = 0) -> dict:
+        """vLLM's shape for the tokens from `start` on; text_offset counts the token strings' characters."""
+        top = []
+        for event in self.events[start:]:
+            alternatives = {}
+            for text, _, prob in event.top:
+                alternatives.setdefault(text, _logprob(prob))  # two tokens may share a text: keep the likelier
+            top.append(alternatives)
+        return {"tokens": self.tokens[start:], "token_logprobs": [e.logprob for e in self.events[start:]],
+                "top_logprobs": top, "text_offset": self.offsets[start:]}
+
+    def chat_logprobs(self, start: int = 0) -> dict:
+        """OpenAI's chat shape: one entry per token, its alternatives as a list (texts may repeat)."""
+        content = []
+        for token, event in zip(self.tokens[start:], self.events[start:]):
+            top = [{"token": t, "logprob": _logprob(p), "bytes": list(t.encode())} for t, _, p in event.top]
+            content.append({"token": token, "logprob": event.logprob, "bytes": list(token.encode()), "top_logprobs": top})
+        return {"content": content}
+
+
+def _usage(prompt_tokens: int, choices: list[_Choice]) -> dict:
+    completion = sum(len(c.tokens) for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def _sse(payload) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+async def _event_stream(generation: _Generation, chunks, head: dict):
+    """Server-sent events: each chunk `chunks` makes from the token events, then [DONE]. Once the
+    response has begun its status is sent, so a failure travels as an error chunk (as in vLLM)."""
+    try:
+        async for chunk in chunks(generation.tokens()):
+            yield _sse({**head, **chunk})
+    except Exception as error:
+        yield _sse(APIError(500, f"generation failed: {error}").body())
+    finally:
+        generation.stop.set()  # the client left or the stream ended: the lane stops after its current step
+    yield "data: [DONE]\n\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------------
+
+
+def create_api(models: Mapping[str, object] | None = None) -> FastAPI:
+    """The API as a FastAPI app. models: name -> a TextGenerationPipeline, or a function of no
+    arguments that returns one (called by the first request that names it; see `loader`).
+    Default: the shipped smollm2-135m, loaded on first use."""
+    if models is None:
+        models = {DEFAULT_MODEL: loader(DEFAULT_MODEL)}
+    served = {name: _ServedModel(name, source) for name, source in models.items()}
+    api = FastAPI(title="Generation Studio API", description="OpenAI-compatible completions from the LLM lane")
+
+    def find(name: str) -> _ServedModel:
+        if name not in served:
+            raise APIError(404, f"the model {name!r} does not exist here; served: {', '.join(served)}",
+                           param="model", code="model_not_found")
+        return served[name]
+
+    @api.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError):
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @api.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception):
+        return JSONResponse(APIError(500, f"internal error: {error}").body(), status_code=500)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        # unknown paths and wrong methods answer in the same shape as every other error
+        body = APIError(error.status_code, str(error.detail)).body()
+        return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
+
+    @api.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [_model_card(m) for m in served.values()]}
+
+    @api.get("/v1/models/{name:path}")
+    async def get_model(name: str):
+        return _model_card(find(name))
+
+    @api.post("/v1/completions")
+    async def completions(request: Request):
+        body = parse_request(CompletionRequest, await request.body())
+        model = find(body.model)
+        pipeline = await model.pipeline()
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        options = sampling_options(body, body.max_tokens or DEFAULT_MAX_TOKENS, body.logprobs or 0)
+        generation = _Generation(model, pipeline, prompts, options)
+        prompt_tokens = await generation.prompt_tokens(len(prompts))
+        choices = [_Choice(model.tokenizer, body.stops()) for _ in prompts]
+        head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
+                "model": model.name}
+
+        if body.stream:
+            async def chunks(events):
+                async for event in events:
+                    choice = choices[event.sequence]
+                    choice.add(event)
+                    logprobs = choice.completion_logprobs(len(choice.tokens) - 1) if body.logprobs is not None else None
+                    yield {"choices": [{"index": event.sequence, "text": event.text, "logprobs": logprobs,
+                                        "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}]}
+                if body.stream_options and body.stream_options.include_usage:
+                    yield {"choices": [], "usage": _usage(prompt_tokens, choices)}
+
+            return StreamingResponse(_event_stream(generation, chunks, head), media_type="text/event-stream")
+
+        async for event in _collect(generation):
+            choices[event.sequence].add(event)
+        return {
+            **head,
+            "choices": [
+                {"index": i, "text": c.text, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                 "logprobs": c.completion_logprobs() if body.logprobs is not None else None}
+                for i, c in enumerate(choices)
+            ],
+            "usage": _usage(prompt_tokens, choices),
+        }
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = parse_request(ChatRequest, await request.body())
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        model = find(body.model)
+        pipeline = await model.pipeline()
+        prompt = chat_prompt(model.tokenizer, body.messages)
+        max_tokens = body.max_completion_tokens or body.max_tokens or _rest_of_context(model, pipeline, prompt)
+        options = sampling_options(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else 0)
+        generation = _Generation(model, pipeline, prompt, options)
+        prompt_tokens = await generation.prompt_tokens(1)
+        choice = _Choice(model.tokenizer, body.stops())
+        head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": model.name}
+
+        if body.stream:
+            async def chunks(events):
+                yield {"object": "chat.completion.chunk",
+                       "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                    "finish_reason": None}]}
+                async for event in events:
+                    choice.add(event)
+                    logprobs = choice.chat_logprobs(len(choice.tokens) - 1) if body.logprobs else None
+                    yield {"object": "chat.completion.chunk",
+                           "choices": [{"index": 0, "delta": {"content": event.text}, "logprobs": logprobs,
+                                        "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}]}
+                if body.stream_options and body.stream_options.include_usage:
+                    yield {"object": "chat.completion.chunk", "choices": [], "usage": _usage(prompt_tokens, [choice])}
+
+            return StreamingResponse(_event_stream(generation, chunks, head), media_type="text/event-stream")
+
+        async for event in _collect(generation):
+            choice.add(event)
+        return {
+            **head,
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": choice.text},
+                         "logprobs": choice.chat_logprobs() if body.logprobs else None,
+                         "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}],
+            "usage": _usage(prompt_tokens, [choice]),
+        }
+
+    return api
+
+
+async def _collect(generation: _Generation):
+    """A non-streamed answer's events; a failure mid-way becomes a 500."""
+    try:
+        async for event in generation.tokens():
+            yield event
+    except Exception as error:
+        raise APIError(500, f"generation failed: {error}") from None
+
+
+def _model_card(model: _ServedModel) -> dict:
+    return {"id": model.name, "object": "model", "created": model.created, "owned_by": "generation-studio"}
+
+
+def chat_prompt(tokenizer, messages: list[ChatMessage]) -> str:
+    """The conversation through the model's chat template, ending where the assistant's reply begins."""
+    if tokenizer.chat_template is None:
+        raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+    text = tokenizer.apply_chat_template(
+        [m.as_template_input() for m in messages], tokenize=False, add_generation_prompt=True
+    )
+    # The template writes the beginning-of-sequence token itself; a tokenizer that also adds one to
+    # plain text (Llama, Mistral) would double it when the lane tokenizes this text.
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+    if adds_bos and text.startswith(bos):
+        text = text[len(bos):]
+    return text
+
+
+def _rest_of_context(model: _ServedModel, pipeline, prompt: str) -> int:
+    """Chat's default max_tokens, as OpenAI and vLLM: whatever the context leaves after the prompt."""
+    if pipeline.context_length is None:
+        return DEFAULT_MAX_TOKENS
+    prompt_tokens = len(model.tokenizer(prompt)["input_ids"])
+    rest = pipeline.context_length - prompt_tokens
+    if rest < 1:
+        raise APIError(400, f"the messages are {prompt_tokens} tokens, which fills the model's context of "
+                       f"{pipeline.context_length} tokens; shorten them", param="messages",
+                       code="context_length_exceeded")
+    return rest
