@@ -78,6 +78,7 @@ class _Sequence:
 
 
 class TextGenerationPipeline:
+    timing_kind = "device"  # step times are device time (CUDA events, or the CPU's clock); see pipelines.remote
     def __init__(self, model, tokenizer, device=None, attention: str | None = None, precision: str | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer

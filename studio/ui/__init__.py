@@ -12,6 +12,7 @@ import gradio as gr
 import torch
 
 from pipelines import LatentDiffusionPipeline, TextGenerationPipeline
+from pipelines.remote import remote_from_env
 from studio import assets, backends
 from studio.profiling import ceilings_for
 
@@ -27,19 +28,28 @@ except ImportError:
         return fn
 
 
+REMOTE = "remote (STUDIO_REMOTE_LLM)"
+
+
 class Models:
     """The allow-listed models the app may load, each loaded once per device on first use.
 
     The hosted app never loads a path typed into the browser: only the names listed here.
     """
 
-    def __init__(self, llm_names: list[str] | None = None, diffusion_names: list[str] | None = None):
+    def __init__(self, llm_names: list[str] | None = None, diffusion_names: list[str] | None = None, remote=None):
         self.llm_names = llm_names if llm_names is not None else assets.list_models("llm")
         self.diffusion_names = diffusion_names if diffusion_names is not None else assets.list_models("diffusion")
+        # an OpenAI-compatible server the operator configured (STUDIO_REMOTE_LLM), shown as one more LLM
+        self.remote = remote if remote is not None else remote_from_env()
+        if self.remote is not None:
+            self.llm_names = self.llm_names + [REMOTE]
         self._loaded: dict[tuple[str, str, str], object] = {}
         self._lock = threading.Lock()
 
     def llm(self, name: str, device: str) -> TextGenerationPipeline:
+        if name == REMOTE and self.remote is not None:
+            return self.remote
         return self._get("llm", name, device, self.llm_names, TextGenerationPipeline.from_pretrained)
 
     def diffusion(self, name: str, device: str) -> LatentDiffusionPipeline:
@@ -168,12 +178,14 @@ def _studio_tab(models: Models, default_device: str):
     def run_llm(name, prompt, mode, max_new, temp, k, p, seed, cache, spec, dev, attn, prec):
         try:
             llm = models.llm(name, dev)
-            llm.attention = attn
-            llm.precision = None if prec == "model's own" else prec
             events = []
             chips_html = ""
-            ceilings = ceilings_for(llm.device)
-            dtype = next(llm.model.parameters()).dtype
+            ceilings = dtype = None  # a remote model's steps are wall-clock times on someone else's device
+            if llm.timing_kind == "device":
+                llm.attention = attn
+                llm.precision = None if prec == "model's own" else prec
+                ceilings = ceilings_for(llm.device)
+                dtype = next(llm.model.parameters()).dtype
             for ev in llm.stream(
                 prompt, max_new_tokens=int(max_new), temperature=float(temp), top_k=int(k) or None,
                 top_p=float(p) if p < 1 else None, seed=int(seed or 0), use_cache=bool(cache), chat=mode == "chat",

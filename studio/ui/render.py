@@ -68,14 +68,17 @@ def roofline_text(name: str, point) -> str:
     )
 
 
-def llm_counters(events, ceilings: Ceilings, dtype: torch.dtype) -> str:
+def llm_counters(events, ceilings: Ceilings | None, dtype: torch.dtype | None) -> str:
+    """Counters under the LLM lane; without ceilings (a remote model) the times are wall-clock and no
+    roofline is drawn."""
     prefill = [e for e in events if e.phase == "prefill"]
     decode = [e for e in events if e.phase == "decode" and e.timing is not None]
     tokenize = [e for e in events if e.phase == "tokenize"]
     lines = []
     if prefill:
         ttft = sum(e.ms for e in tokenize[:1] + prefill[:1])
-        lines.append(f"time to first token **{ttft:.1f} ms** (prompt of {len(tokenize[0].token_ids)} tokens)")
+        prompt = f" (prompt of {len(tokenize[0].token_ids)} tokens)" if tokenize else ""
+        lines.append(f"time to first token **{ttft:.1f} ms**{prompt}")
     generated = sum(1 for e in events if e.phase == "decode")
     if decode:
         ms = sum(e.ms for e in decode)
@@ -91,8 +94,11 @@ def llm_counters(events, ceilings: Ceilings, dtype: torch.dtype) -> str:
             f"speculative: {accepted}/{proposed} drafts accepted, "
             f"{generated / len(drafted):.2f} tokens per target forward"
         )
-    lines.append(roofline_text("prefill", stage_roofline(prefill, ceilings, dtype)))
-    lines.append(roofline_text("decode", stage_roofline(decode, ceilings, dtype)))
+    if ceilings is None:
+        lines.append("times are wall-clock per token, measured here, of a remote server")
+    else:
+        lines.append(roofline_text("prefill", stage_roofline(prefill, ceilings, dtype)))
+        lines.append(roofline_text("decode", stage_roofline(decode, ceilings, dtype)))
     return "  \n".join(lines)
 
 
