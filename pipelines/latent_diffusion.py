@@ -52,6 +52,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.attention_processor import Attention
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+from safetensors import SafetensorError
 
 from studio import backends
 from studio.backends.attention import check_name as check_attention_name
@@ -254,7 +255,7 @@ class LatentDiffusionPipeline:
             stock = DiffusionPipeline.from_pretrained(
                 path, dtype=dtype, use_safetensors=None if allow_pickle else True, trust_remote_code=False, **unused
             )
-        except (OSError, ValueError, RuntimeError) as error:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # SafetensorError: a damaged file
             raise load_error(name_or_path, error, assets) from error
         stock.to(device, dtype)  # a no-op where `dtype=` was understood; older diffusers releases call it torch_dtype
         parts = stock.components

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from studio import assets, backends
@@ -122,7 +123,7 @@ class TextGenerationPipeline:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-        except (OSError, ValueError, RuntimeError) as error:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise LoadError(
                 f"could not load the language model {name_or_path!r}: {first}. Use a shipped name "

@@ -296,3 +296,56 @@ def test_bad_input_gives_a_clear_error_and_the_pipeline_stays_usable(llm, kwargs
     with pytest.raises(ValueError, match=message):
         list(llm.stream(prompt, **kwargs))
     assert len(llm(PROMPT, max_new_tokens=2).token_ids) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# loading and the command line
+
+
+@pytest.fixture(scope="module")
+def saved_llm(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llm("llama").save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_from_pretrained_loads_a_local_safetensors_folder(saved_llm, tokenizer):
+    loaded = TextGenerationPipeline.from_pretrained(str(saved_llm), device="cpu")
+    assert loaded("The cat", max_new_tokens=5).token_ids == TextGenerationPipeline(tiny_llm("llama"), tokenizer)(
+        "The cat", max_new_tokens=5).token_ids
+
+
+def test_pickle_weights_are_refused_unless_allowed(tmp_path, tokenizer):
+    model = tiny_llm("llama")
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # the old pickle format
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="pickle weights"):
+        TextGenerationPipeline.from_pretrained(str(tmp_path), device="cpu")
+    assert TextGenerationPipeline.from_pretrained(str(tmp_path), device="cpu", allow_pickle=True)("hi", max_new_tokens=2)
+
+
+def test_a_corrupt_weights_file_and_an_unknown_model_give_clear_errors(saved_llm, tmp_path, monkeypatch):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(saved_llm, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="could not load the language model"):
+        TextGenerationPipeline.from_pretrained(str(broken), device="cpu")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="could not load the language model 'nobody/no-such-model'"):
+        TextGenerationPipeline.from_pretrained("nobody/no-such-model", device="cpu")
+
+
+def test_studio_generate_prints_tokens_and_alternatives(saved_llm, capsys):
+    from studio.cli import main
+
+    assert main(["generate", "The cat", "--model", str(saved_llm), "--max-new-tokens", "3", "--show-probs", "2",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert out.out.count("decode") == 2 and "prefill 0" in out.out
+    assert "tok/s" in out.err
+    assert main(["generate", "", "--model", str(saved_llm), "--device", "cpu"]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
