@@ -65,6 +65,12 @@ class Models:
             return self._loaded[key]
 
 
+def example_prompt(name: str | None) -> str:
+    """A prompt the shipped model was made for (a class name for a class-conditional one)."""
+    model = assets.load_manifest().get(name or "")
+    return (model.example_prompt or "") if model else ""
+
+
 def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -129,7 +135,8 @@ def _studio_tab(models: Models, default_device: str):
         with gr.Column():
             gr.Markdown("## LLM lane\ntext → tokens → prefill → one decode step per token ↺")
             llm_model = gr.Dropdown(models.llm_names, value=(models.llm_names or [None])[0], label="model")
-            llm_prompt = gr.Textbox("The cat sat", label="prompt", lines=2, max_length=4000)
+            llm_prompt = gr.Textbox(example_prompt(llm_model.value) or "The cat sat", label="prompt", lines=2,
+                                    max_length=4000)
             with gr.Row():
                 llm_mode = gr.Radio(["completion", "chat"], value="completion", label="prompt format")
                 max_tokens = gr.Slider(1, 256, value=24, step=1, label="max new tokens")
@@ -152,7 +159,7 @@ def _studio_tab(models: Models, default_device: str):
         with gr.Column():
             gr.Markdown("## Diffusion lane\nprompt → text encoder → denoiser × steps (× 2 with CFG) → VAE decode")
             img_model = gr.Dropdown(models.diffusion_names, value=(models.diffusion_names or [None])[0], label="model")
-            img_prompt = gr.Textbox("red apple", label="prompt", lines=2, max_length=2000)
+            img_prompt = gr.Textbox(example_prompt(img_model.value), label="prompt", lines=2, max_length=2000)
             negative = gr.Textbox("", label="negative prompt")
             with gr.Row():
                 steps = gr.Slider(1, 100, value=20, step=1, label="steps")
@@ -163,7 +170,7 @@ def _studio_tab(models: Models, default_device: str):
                 cfg_mode = gr.Radio(["batched", "sequential"], value="batched", label="CFG mode")
             with gr.Row():
                 img_seed = gr.Number(0, label="seed", precision=0, minimum=0)
-                size = gr.Dropdown([32, 64, 128, 256, 512], value=64, label="image size (pixels)")
+                size = gr.Dropdown(["model's own", 32, 64, 128, 256, 512], value="model's own", label="image size (pixels)")
             img_run = gr.Button("Generate", variant="primary")
             preview = gr.Image(label="x0 prediction at this step", type="pil", height=256)
             filmstrip = gr.Gallery(label="filmstrip", columns=10, height=140, preview=False)
@@ -212,7 +219,8 @@ def _studio_tab(models: Models, default_device: str):
             dtype = pipe.dtype
             for ev in pipe.stream(
                 prompt, negative_prompt=negative_prompt or None, steps=int(n_steps), guidance_scale=float(scale),
-                scheduler=sched, cfg_mode=mode, seed=int(seed or 0), height=int(side), width=int(side),
+                scheduler=sched, cfg_mode=mode, seed=int(seed or 0), height=None if side == "model's own" else int(side),
+                width=None if side == "model's own" else int(side),
             ):
                 events.append(ev)
                 if ev.preview is not None:
@@ -256,3 +264,5 @@ def _studio_tab(models: Models, default_device: str):
                 gr.update(choices=["model's own"] + _choices("precision", dev), value="model's own"))
 
     device.change(refresh_choices, device, [attention, precision], api_name=False)
+    llm_model.change(example_prompt, llm_model, llm_prompt, api_name=False)
+    img_model.change(example_prompt, img_model, img_prompt, api_name=False)
