@@ -1,12 +1,14 @@
 """The `studio` command: the same lanes and measurements as the app, from a terminal.
 
-Depends on the studio core (and on the UI only for `serve`).
+Depends on the studio core, on the pipelines for `generate` and `imagine`, and on the UI only for `serve`.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from pathlib import Path
 
 import torch
 
@@ -24,10 +26,214 @@ def cmd_backends(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    from studio.ui import build_app
+def cmd_generate(args) -> int:
+    from transformers.utils import logging as transformers_logging
 
-    build_app().queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port)
+    from pipelines.text_generation import TextGenerationPipeline
+
+    transformers_logging.disable_progress_bar()  # the tokens are the progress here
+
+    llm = TextGenerationPipeline.from_pretrained(
+        args.model, device=args.device, attention=args.attention, precision=args.precision
+    )
+    speculative = {"none": None}.get(args.speculative, args.speculative)
+    draft = None
+    if speculative == "draft":
+        draft = TextGenerationPipeline.from_pretrained(args.draft, device=args.device)
+    elif speculative == "self" and args.draft:
+        draft = int(args.draft)
+    events = llm.stream(
+        args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache, chat=args.chat, stop=args.stop,
+        top_logprobs=args.show_probs, speculative=speculative, draft=draft,
+    )
+    decode_ms, tokens = [], 0
+    for ev in events:
+        if ev.phase == "tokenize":
+            print(f"[{len(ev.token_ids)} prompt tokens]", file=sys.stderr)
+            print(args.prompt, end="", flush=True)
+            continue
+        tokens += 1
+        if ev.phase == "decode" and ev.timing is not None:
+            decode_ms.append(ev.ms)
+        if args.show_probs:
+            alternatives = "  ".join(f"{text!r} {prob:.1%}" for text, _, prob in ev.top)
+            print(f"\n  {ev.phase} {ev.index}: {ev.text!r} (p={math.exp(ev.logprob):.1%}) | {alternatives}", end="")
+        else:
+            print(ev.text, end="", flush=True)
+    print()
+    if decode_ms:
+        print(f"[{tokens} tokens; decode {1000 * (tokens - 1) / sum(decode_ms):.1f} tok/s on {llm.device}]", file=sys.stderr)
+    return 0
+
+
+def cmd_imagine(args) -> int:
+    from diffusers.utils import logging as diffusers_logging
+    from PIL import Image
+    from tqdm import tqdm
+
+    from pipelines.latent_diffusion import LatentDiffusionPipeline
+
+    diffusers_logging.disable_progress_bar()  # our own bar counts the denoising steps
+
+    pipe = LatentDiffusionPipeline.from_pretrained(
+        args.model, device=args.device, attention=args.attention, precision=args.precision
+    )
+    image = Image.open(args.image).convert("RGB") if args.image else None
+    events = pipe.stream(
+        args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+        height=args.height, width=args.width, scheduler=args.scheduler, cfg_mode=args.cfg_mode, image=image,
+        strength=args.strength, preview=None,
+    )
+    bar, run_ms, model_ms = None, 0.0, {}
+    for ev in events:
+        run_ms += ev.ms
+        for name, timing in ev.parts.items():
+            model_ms[name] = model_ms.get(name, 0.0) + timing.ms
+        if ev.phase == "denoise":
+            bar = bar or tqdm(total=ev.total, desc="denoising", unit="step", file=sys.stderr)
+            bar.set_postfix_str(f"t={ev.timestep:g} {ev.ms:.0f} ms, {ev.forward_passes} forward passes")
+            bar.update()
+        elif ev.phase == "decode":
+            if bar is not None:
+                bar.close()
+            ev.image.save(args.output)
+            shares = ", ".join(f"{name} {ms / run_ms:.0%}" for name, ms in model_ms.items())
+            print(f"wrote {args.output} ({ev.image.width}x{ev.image.height}): {ev.total} steps, "
+                  f"{ev.forward_passes} denoiser forward passes, {run_ms:.0f} ms on {pipe.device} ({shares})",
+                  file=sys.stderr)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from studio import assets
+    from studio.loading import LoadError
+
+    for model in assets.load_manifest().values():
+        try:
+            assets.verify(model)
+            status = "ok"
+        except LoadError as error:
+            status = str(error)
+        print(f"{model.name:<13} {model.kind:<9} {model.parameters / 1e6:7.1f}M  {model.architecture}\n"
+              f"{'':<13} data: {model.training_data} ({model.training_data_license})\n{'':<13} files: {status}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from studio import train
+
+    torch.set_num_threads(args.threads)
+    train.train(args.model, out=args.out, **{k: v for k, v in vars(args).items() if k.endswith("_steps")})
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from studio import train
+
+    torch.set_num_threads(args.threads)
+    train.evaluate(args.model, folder=args.folder)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import time
+    from pathlib import Path
+
+    from studio import bench
+    from studio import inspect as studio_inspect
+
+    llm_shapes, diffusion_shapes = [], []
+    for name in args.shape or []:
+        loaded = studio_inspect.load_config(name)
+        reference = studio_inspect.find_reference(name)
+        (llm_shapes if loaded.kind == "llm" else diffusion_shapes).append(reference.name if reference else name)
+    lanes = tuple(lane.strip() for lane in args.lanes.split(",") if lane.strip())
+    unknown = set(lanes) - {"llm", "diffusion", "attention"}
+    if unknown:
+        raise ValueError(f"unknown lane {', '.join(sorted(unknown))}; use llm, diffusion and/or attention")
+    settings = bench.Settings.for_device(
+        args.device, quick=args.quick, llm_models=args.llm or [], llm_shapes=llm_shapes,
+        diffusion_models=args.diffusion or [], diffusion_shapes=diffusion_shapes, lanes=lanes, draft=args.draft,
+        repeats=args.repeats, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+        prefill_tokens=args.prefill_tokens, steps=args.steps, image_size=args.image_size,
+        attention_seq=args.attention_seq, threads=args.threads,
+        attention_kernels=tuple(args.attention.split(",")) if args.attention else None,
+    )
+    started = time.perf_counter()
+    results = bench.run_suite(settings, progress=not args.no_progress)
+    results.meta["command"] = "studio " + " ".join(args.argv)
+    results.meta["wall_s"] = round(time.perf_counter() - started, 1)
+    out = Path(args.out or f"results/{time.strftime('%Y%m%d-%H%M%S')}-{settings.device}{'-quick' if args.quick else ''}")
+    paths = bench.write_results(results, out)
+    data = results.to_json()
+    # the comparison the inspector's predictions owe, and the goals, on the terminal
+    report = bench.markdown(data)
+    for section in ("## Predicted", "## Goals"):
+        if section in report:
+            print(report[report.index(section):].split("\n## ")[0].rstrip() + "\n")
+    print(f"wrote {', '.join(str(p) for p in paths.values())} ({results.meta['wall_s']} s)", file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    import json
+    from pathlib import Path
+
+    from studio import inspect as studio_inspect
+
+    if args.list:
+        for name, folder in studio_inspect.reference_configs(tiny=True).items():
+            print(f"{name:<16} {folder}")
+        return 0
+    if not args.config:
+        raise ValueError("give a config: a reference name (see --list), a config.json, a folder or a hub id")
+    analysis = studio_inspect.analyse(
+        args.config, device=args.device, dtype=args.dtype, prompt_tokens=args.prompt_tokens, image_size=args.image_size
+    )
+    print(studio_inspect.format_analysis(analysis))
+    # where a benchmark measured this model, its measurements next to the predictions
+    from studio import bench
+
+    candidates = [Path(args.results)] if args.results else sorted(
+        list(Path("results").glob("*/bench.json")) + list(Path("docs/benchmarks").glob("**/*.json")),
+        key=lambda p: p.stat().st_mtime, reverse=True,
+    )
+    for path in candidates:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            if args.results:
+                raise ValueError(f"cannot read the results {path}: {error}") from error
+            continue
+        if args.results or bench.measured_for(data, analysis.name):
+            print(f"\nmeasured ({path}):")
+            print(bench.format_measured(data, analysis.name))
+            break
+    return 0
+
+
+def cmd_serve(args) -> int:
+    if not (args.api or args.api_only):
+        from studio.ui import build_app
+
+        build_app().queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port or 7860)
+        return 0
+
+    import uvicorn
+
+    from studio.server import DEFAULT_MODEL, create_api, loader
+
+    # the API's models load on their first request, so the server is up at once
+    app = create_api({name: loader(name) for name in args.model or [DEFAULT_MODEL]})
+    if not args.api_only:
+        import gradio as gr
+
+        from studio.ui import build_app
+
+        # the API's /v1 routes come first; everything else is the app
+        app = gr.mount_gradio_app(app, build_app().queue(default_concurrency_limit=2), path="/")
+    uvicorn.run(app, host=args.host, port=args.port or (8000 if args.api_only else 7860))
     return 0
 
 
@@ -40,13 +246,115 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the device's usual dtype")
     p.set_defaults(run=cmd_backends)
 
-    p = commands.add_parser("serve", help="launch the Gradio app")
+    p = commands.add_parser("generate", help="continue a prompt with an LLM, printing tokens as they come")
+    p.add_argument("prompt")
+    p.add_argument("--model", default="smollm2-135m", help="a shipped name, a local folder, a .gguf file or a hub id")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (the staircase)")
+    p.add_argument("--show-probs", type=int, nargs="?", const=5, default=0, metavar="N",
+                   help="print each token's top-N alternatives (default N: 5)")
+    p.add_argument("--speculative", choices=["none", "draft", "prompt-lookup", "self"], default="none")
+    p.add_argument("--draft", help="draft model (speculative=draft) or number of layers (speculative=self)")
+    p.add_argument("--device")
+    p.add_argument("--attention", help="attention backend (see `studio backends`)")
+    p.add_argument("--precision", help="matmul precision (see `studio backends`)")
+    p.set_defaults(run=cmd_generate)
+
+    p = commands.add_parser("imagine", help="paint an image from a prompt with a diffusion model, step by step")
+    p.add_argument("prompt", help="what to paint (for a class-conditioned model: a class name; empty: unconditional)")
+    p.add_argument("-o", "--output", default="image.png", help="where to write the PNG")
+    p.add_argument("--model", default="emoji-sd", help="a shipped name, a local diffusers folder or a hub id")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale; 1 turns it off")
+    p.add_argument("--negative", help="negative prompt (default: empty)")
+    p.add_argument("--scheduler", help="ddim, euler, euler-ancestral, dpm-solver++ or pndm (default: the model's)")
+    p.add_argument("--cfg-mode", choices=["batched", "sequential"], default="batched")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--image", help="img2img: start from this image")
+    p.add_argument("--strength", type=float, default=0.8, help="img2img: how much of the schedule to run")
+    p.add_argument("--device")
+    p.add_argument("--attention", help="attention backend (see `studio backends`)")
+    p.add_argument("--precision", help="matmul precision (see `studio backends`)")
+    p.set_defaults(run=cmd_imagine)
+
+    p = commands.add_parser("models", help="list the shipped models and check their files")
+    p.set_defaults(run=cmd_models)
+
+    p = commands.add_parser("train", help="train a shipped diffusion model from scratch into assets/ (see docs/models.md)")
+    p.add_argument("model", choices=["emoji-sd", "fashion-dit"])
+    p.add_argument("--out", type=Path, help="the folder to write (default: assets/MODEL, recorded in assets/manifest.json)")
+    p.add_argument("--vae-steps", type=int, help="default: the shipped model's")
+    p.add_argument("--unet-steps", type=int, help="emoji-sd; default: the shipped model's")
+    p.add_argument("--dit-steps", type=int, help="fashion-dit; default: the shipped model's")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (one makes a run repeatable)")
+    p.set_defaults(run=cmd_train)
+
+    p = commands.add_parser("evaluate", help="measure a shipped diffusion model; writes docs/models/MODEL-*")
+    p.add_argument("model", choices=["emoji-sd", "fashion-dit"])
+    p.add_argument("--folder", type=Path, help="a trained folder (default: the shipped one)")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(run=cmd_evaluate)
+
+    p = commands.add_parser("bench", help="benchmark both lanes side by side; JSON, CSV, markdown and plots")
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats (a CPU smoke run: minutes)")
+    p.add_argument("--llm", action="append", metavar="MODEL",
+                   help="an LLM: shipped name, folder or hub id (repeatable; default: smollm2-135m)")
+    p.add_argument("--diffusion", action="append", metavar="MODEL",
+                   help="a diffusion model: shipped name, folder or hub id (repeatable; default: emoji-sd)")
+    p.add_argument("--shape", action="append", metavar="NAME",
+                   help="a reference architecture with random weights, e.g. llama-3.2-1b, smollm2-135m, sd-1.5-unet, "
+                        "dit-xl-2-256, tiny-llama, tiny-sd (repeatable; see `studio inspect --list`)")
+    p.add_argument("--out", help="results folder (default: results/DATE-DEVICE)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--lanes", default="llm,diffusion,attention", help="which tables to run (comma-separated)")
+    p.add_argument("--attention", help="only these attention kernels (comma-separated), besides auto")
+    p.add_argument("--draft", help="draft model for the speculative=draft row")
+    p.add_argument("--repeats", type=int, help="timed repeats per workload")
+    p.add_argument("--prompt-tokens", type=int)
+    p.add_argument("--new-tokens", type=int)
+    p.add_argument("--prefill-tokens", type=int)
+    p.add_argument("--steps", type=int, help="denoising steps per image")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--attention-seq", type=int, help="sequence length of the attention kernels table")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=cmd_bench)
+
+    p = commands.add_parser("inspect", help="what a config.json predicts: parameters, memory, bound and time per device")
+    p.add_argument("config", nargs="?", help="a reference name (--list), a config.json or model folder, a shipped "
+                   "model or a hub id")
+    p.add_argument("--device", help="a known GPU or part of its name (h100, a100 ...), or cpu/cuda to probe this machine")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "int8", "fp8"], help="default: bf16 (LLM), fp16 (diffusion)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prefill length; decode is the token after it")
+    p.add_argument("--image-size", type=int, help="diffusion: pixels per side (default: the model's own)")
+    p.add_argument("--results", help="a bench.json to compare with (default: the newest under results/ or docs/benchmarks/)")
+    p.add_argument("--list", action="store_true", help="list the shipped reference configs")
+    p.set_defaults(run=cmd_inspect)
+
+    p = commands.add_parser("serve", help="launch the Gradio app, the OpenAI-compatible API, or both")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, help="default: 7860, or 8000 with --api-only")
+    p.add_argument("--api", action="store_true", help="also serve /v1/completions, /v1/chat/completions and /v1/models")
+    p.add_argument("--api-only", action="store_true", help="serve the API without the app")
+    p.add_argument("--model", action="append", help="a model the API serves, by the name it is loaded with "
+                   "(repeatable; default: smollm2-135m)")
     p.set_defaults(run=cmd_serve)
 
     args = parser.parse_args(argv)
-    return args.run(args)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return args.run(args)
+    except ValueError as error:  # bad input, unknown backends, models that do not load: say what, no traceback
+        print(f"studio {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
