@@ -93,7 +93,8 @@ def predictions_table(analysis) -> pd.DataFrame:
 def inspector_tab(default_device: str):
     references = list(inspect.reference_configs())
     with gr.Row():
-        reference = gr.Dropdown(references, value=references[0] if references else None, label="reference architecture")
+        default = "llama-3.2-1b" if "llama-3.2-1b" in references else (references or [None])[0]
+        reference = gr.Dropdown(references, value=default, label="reference architecture")
         device = gr.Dropdown(["cpu"] + (["cuda"] if torch.cuda.is_available() else []), value=default_device,
                              label="this machine's device (measured roof)")
         analyse_button = gr.Button("Analyse", variant="primary")
