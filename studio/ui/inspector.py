@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from studio import inspect
+from studio.bench import roofline_axes
 from studio.profiling import ceilings_for
 
 BENCH_RESULTS = Path(__file__).resolve().parent.parent.parent / "docs" / "benchmarks"
@@ -55,13 +56,7 @@ def roofline_figure(analysis, device: torch.device):
     for p in measured:
         ax.scatter(p["intensity"], p["tflop_s"], marker="x", s=60, zorder=3,
                    label=f"measured here: {p['lane']} {p['workload']} ({p['model']})")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("arithmetic intensity (FLOPs per byte)")
-    ax.set_ylabel("TFLOP/s")
-    ax.set_title(f"{analysis.name} on this device's roofline", fontsize=10)
-    ax.legend(fontsize=6, loc="lower right")
-    ax.grid(True, which="both", alpha=0.3)
+    roofline_axes(ax, f"{analysis.name} on this device's roofline")
     fig.tight_layout()
     return fig
 
