@@ -33,13 +33,15 @@ def test_token_stream_scores_each_token_by_its_probability(events):
 
 def test_alternatives_table_has_both_distributions(events):
     table = render.alternatives_table(events[2])
-    assert set(table["distribution"]) == {"model", "after sampling settings"}
-    assert len(table) == 10
+    assert set(table["distribution"]) == {"model", "sampled"}
+    assert len(table) == 10 and table["token"][0].startswith("1. ")
+    assert list(table["probability"][:5]) == sorted(table["probability"][:5], reverse=True)
 
 
 def test_step_times_and_counters(events):
     times = render.step_times(events, ("prefill", "decode"))
     assert list(times["phase"]) == ["prefill"] + ["decode"] * 4
+    assert list(times["step"]) == sorted(times["step"])  # the chart's alphabetical order is the run's
     text = render.llm_counters(events, ceilings_for("cpu"), torch.float32)
     assert "time to first token" in text and "tokens/s" in text and "memory-bound" in text
 

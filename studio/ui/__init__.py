@@ -154,7 +154,8 @@ def _studio_tab(models: Models, default_device: str):
                                         combine_adjacent=False, show_legend=False)
             alternatives = gr.BarPlot(x="token", y="probability", color="distribution", label="its top alternatives",
                                       sort=None, height=220)
-            llm_times = gr.BarPlot(x="step", y="ms", color="phase", label="device time per step", height=220)
+            llm_times = gr.BarPlot(x="step", y="ms", color="phase", label="device time per step", height=220, sort=None,
+                                   color_map={k: render.PHASE_COLORS[k] for k in ("prefill", "decode")})
             llm_stats = gr.Markdown()
         with gr.Column():
             gr.Markdown("## Diffusion lane\nprompt → text encoder → denoiser × steps (× 2 with CFG) → VAE decode")
@@ -175,7 +176,9 @@ def _studio_tab(models: Models, default_device: str):
             preview = gr.Image(label="x0 prediction at this step", type="pil", height=256)
             filmstrip = gr.Gallery(label="filmstrip", columns=10, height=140, preview=False)
             final = gr.Image(label="final image", type="pil", format="png", height=256)
-            img_times = gr.BarPlot(x="step", y="ms", color="phase", label="device time per step", height=220)
+            img_times = gr.BarPlot(x="step", y="ms", color="phase", label="device time per step", height=220, sort=None,
+                                   color_map={"encode": render.PHASE_COLORS["encode"],
+                                              "denoise": render.PHASE_COLORS["denoise"], "decode": "#76b7b2"})
             img_stats = gr.Markdown()
     gr.Markdown("### Timeline: both lanes' stages, with the shapes that flow through them")
     timeline = gr.HTML(render.timeline([], []))

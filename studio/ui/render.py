@@ -37,16 +37,25 @@ def token_stream(events) -> list[tuple[str, float]]:
 
 
 def alternatives_table(event) -> pd.DataFrame:
-    """The top alternatives at one step, under the model's distribution and after sampling."""
-    rows = [(repr(text), prob, "model") for text, _, prob in event.top]
-    rows += [(repr(text), prob, "after sampling settings") for text, _, prob in event.top_processed]
+    """The top alternatives at one step, under the model's distribution and after the sampling
+    settings, one bar each. The labels carry the rank, so that the chart's alphabetical order of
+    categories is the order of likelihood."""
+    rows = []
+    for kind, top in (("model", event.top), ("sampled", event.top_processed)):
+        rows += [(f"{rank}. {text!r} ({kind})", prob, kind) for rank, (text, _, prob) in enumerate(top, 1)]
     return pd.DataFrame(rows, columns=["token", "probability", "distribution"])
 
 
 def step_times(events, phases: tuple[str, ...]) -> pd.DataFrame:
-    """One bar per timed step: its index along the run, device milliseconds and phase."""
-    rows = [(n, ev.ms, ev.phase) for n, ev in enumerate(e for e in events if e.phase in phases and e.timing is not None)]
-    return pd.DataFrame(rows, columns=["step", "ms", "phase"])
+    """One bar per timed step: its index along the run (zero-padded: the chart orders categories
+    alphabetically), device milliseconds and phase."""
+    timed = [e for e in events if e.phase in phases and e.timing is not None]
+    width = len(str(max(len(timed) - 1, 0)))
+    return pd.DataFrame([(f"{n:0{width}d}", ev.ms, ev.phase) for n, ev in enumerate(timed)], columns=["step", "ms", "phase"])
+
+
+# fixed colours per phase, so a bar of a phase that was not in the first update still shows
+PHASE_COLORS = {"prefill": "#4c78a8", "decode": "#59a14f", "encode": "#f28e2b", "denoise": "#e15759"}
 
 
 def stage_roofline(events, ceilings: Ceilings, dtype: torch.dtype):
