@@ -68,3 +68,19 @@ def test_the_app_refuses_a_model_outside_its_allow_list():
 
     with pytest.raises(gr.Error, match="not one of this app's llm models"):
         Models(llm_names=["smollm2-135m"], diffusion_names=[]).llm("/etc/passwd", "cpu")
+
+
+def test_out_of_memory_becomes_a_message_naming_what_to_lower():
+    import gradio as gr
+
+    from studio.ui import request_errors
+
+    with pytest.raises(gr.Error, match="lower max new tokens"):
+        with request_errors("llm"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(gr.Error, match="lower the image size"):
+        with request_errors("diffusion"):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+    with pytest.raises(gr.Error, match="prompt is empty"):
+        with request_errors("llm"):
+            raise ValueError("the prompt is empty; type some text to continue")

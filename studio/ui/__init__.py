@@ -6,6 +6,7 @@ Depends on gradio, the pipelines and the studio core; nothing depends on it but 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import gradio as gr
@@ -63,6 +64,29 @@ class Models:
             if key not in self._loaded:
                 self._loaded[key] = load(name, device=device)
             return self._loaded[key]
+
+
+OUT_OF_MEMORY = {
+    "llm": "the LLM ran out of device memory: lower max new tokens or the prompt's length, turn the KV cache "
+           "on, or choose a smaller precision (bf16, int8)",
+    "diffusion": "the diffusion model ran out of device memory: lower the image size, use sequential CFG "
+                 "(half the batch), or choose a smaller precision (fp16, int8)",
+}
+
+
+@contextlib.contextmanager
+def request_errors(lane: str):
+    """One request's failures as messages in the UI, the app serving on: bad input or a model that
+    will not load (ValueError), and running out of device memory, after which the allocator's cache
+    is emptied so the next request starts clean."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise gr.Error(OUT_OF_MEMORY[lane]) from None
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
 
 
 def example_prompt(name: str | None) -> str:
@@ -186,7 +210,7 @@ def _studio_tab(models: Models, default_device: str):
 
     @gpu
     def run_llm(name, prompt, mode, max_new, temp, k, p, seed, cache, spec, dev, attn, prec):
-        try:
+        with request_errors("llm"):
             llm = models.llm(name, dev)
             events = []
             chips_html = ""
@@ -208,12 +232,10 @@ def _studio_tab(models: Models, default_device: str):
                 yield (chips_html, render.token_stream(events), render.alternatives_table(ev),
                        render.step_times(events, ("prefill", "decode")), render.llm_counters(events, ceilings, dtype),
                        events, render.stages(events, "llm"))
-        except ValueError as error:  # bad input or a model that will not load: say so, keep serving
-            raise gr.Error(str(error)) from None
 
     @gpu
     def run_diffusion(name, prompt, negative_prompt, n_steps, scale, sched, mode, seed, side, dev, attn, prec):
-        try:
+        with request_errors("diffusion"):
             pipe = models.diffusion(name, dev)
             pipe.attention = attn
             pipe.precision = None if prec == "model's own" else prec
@@ -231,8 +253,6 @@ def _studio_tab(models: Models, default_device: str):
                 yield (ev.preview if ev.preview is not None else gr.skip(), strip, ev.image if ev.image else gr.skip(),
                        render.step_times(events, ("encode", "denoise", "decode")),
                        render.diffusion_counters(events, ceilings, dtype), render.stages(events, "diffusion"))
-        except ValueError as error:
-            raise gr.Error(str(error)) from None
 
     def show_alternatives(events, evt: gr.SelectData):
         chosen = [e for e in events if e.token_id is not None]
