@@ -142,3 +142,15 @@ def test_a_user_runs_both_lanes_in_a_browser(url):
             page.screenshot(path=str(SCREENSHOTS / f"{tab.lower()}.png"), full_page=True)
         assert page.get_by_text("sdpa-cudnn").count() >= 1  # the backends table rendered
         browser.close()
+
+
+def test_the_app_with_both_lanes_run_stays_under_2_5_gb_resident(url):
+    """Issue 10's bound for this CPU machine, measured on this very process: the app (both default
+    models loaded, each lane run by the tests above) plus the tests' own reference pipelines."""
+    from studio.bench import rss_bytes
+
+    client = Client(url, verbose=False)
+    client.predict(*llm_args(max_tokens=4), api_name="/generate_text")
+    if DIFFUSION is not None:
+        client.predict(*image_args(steps=2), api_name="/generate_image")
+    assert rss_bytes() <= 2.5e9, f"{rss_bytes() / 1e9:.2f} GB resident"
