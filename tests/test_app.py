@@ -132,7 +132,7 @@ def test_a_user_runs_both_lanes_in_a_browser(url):
         page.screenshot(path=str(SCREENSHOTS / "studio.png"), full_page=True)
         page.get_by_role("tab", name="Inspector").click()
         page.get_by_role("button", name="Analyse").click()
-        page.get_by_text("FLOP/byte").first.wait_for(timeout=120_000)
+        page.get_by_text("H100 SXM").first.wait_for(timeout=120_000)  # the predictions table (this tab only)
         page.locator("canvas, img, svg").last.wait_for(timeout=60_000)
         page.wait_for_timeout(1500)
         page.screenshot(path=str(SCREENSHOTS / "inspector.png"), full_page=True)
