@@ -105,6 +105,8 @@ def fit_latent_rgb_factors(vae, latents: torch.Tensor | None = None, *, count: i
     latents = latents.to(parameter.device, parameter.dtype)
     with torch.no_grad():
         images = vae.decode(latents / config.scaling_factor).sample.float()
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)  # a grayscale VAE (Fashion-MNIST): grey previews
     # Average the pixels above each latent, so both sides of the regression live on the latent grid.
     pixels = F.adaptive_avg_pool2d(images, latents.shape[-2:])
     inputs = latents.float().permute(0, 2, 3, 1).reshape(-1, latents.shape[1]).cpu().double()

@@ -124,7 +124,7 @@ def cmd_train(args) -> int:
     from studio import train
 
     torch.set_num_threads(args.threads)
-    train.train(args.model, out=args.out, **{k: v for k, v in vars(args).items() if k.endswith("_steps")})
+    train.train(args.model, out=args.out, resume=args.resume, **{k: v for k, v in vars(args).items() if k.endswith("_steps")})
     return 0
 
 
@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-steps", type=int, help="default: the shipped model's")
     p.add_argument("--unet-steps", type=int, help="emoji-sd; default: the shipped model's")
     p.add_argument("--dit-steps", type=int, help="fashion-dit; default: the shipped model's")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run (or train on for more steps)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (one makes a run repeatable)")
     p.set_defaults(run=cmd_train)
 

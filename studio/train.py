@@ -174,14 +174,29 @@ def ddim_scheduler(beta_schedule: str, beta_start: float, beta_end: float):
 # Training
 
 
-def fit(modules, batch_loss, steps: int, lr: float, name: str, ema_decay: float | None = None, warmup: int = 200):
+def fit(modules, batch_loss, steps: int, lr: float, name: str, generator, checkpoint: Path,
+        ema_decay: float | None = None, warmup: int = 200, every: int = 200):
     """AdamW with a linear warm-up and gradient clipping; returns the loss curve and, with ema_decay,
-    an exponential moving average of the modules (what diffusion models sample best with)."""
+    an exponential moving average of the modules (what diffusion models sample best with).
+
+    Every `every` steps the whole state, random generators included, goes to `checkpoint`; a run
+    that finds one there continues from it exactly as if it had never stopped.
+    """
     parameters = [p for m in modules for p in m.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-    ema = [copy.deepcopy(m).requires_grad_(False) for m in modules] if ema_decay else None
-    curve, start = [], time.perf_counter()
-    for step in range(steps):
+    ema = [copy.deepcopy(m).requires_grad_(False) for m in modules] if ema_decay else []
+    curve, first, start = [], 0, time.perf_counter()
+    if checkpoint.exists():
+        # weights_only: the checkpoint is read back as tensors and numbers, never as code.
+        state = torch.load(checkpoint, weights_only=True)
+        for module, weights in zip(modules + ema, state["modules"]):
+            module.load_state_dict(weights)
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        curve, first = state["curve"], state["step"]
+        print(f"{name}: resuming at step {first} from {checkpoint}", flush=True)
+    for step in range(first, steps):
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup)
         loss = batch_loss()
@@ -198,10 +213,17 @@ def fit(modules, batch_loss, steps: int, lr: float, name: str, ema_decay: float 
         if step % 100 == 0 or step == steps - 1:
             recent = sum(curve[-100:]) / len(curve[-100:])
             print(f"{name} step {step + 1}/{steps}  loss {recent:.4f}  {time.perf_counter() - start:.0f} s", flush=True)
+        if (step + 1) % every == 0 or step == steps - 1:
+            state = {"modules": [m.state_dict() for m in modules + ema], "optimizer": optimizer.state_dict(),
+                     "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "curve": curve,
+                     "step": step + 1}
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, checkpoint.with_suffix(".tmp"))
+            checkpoint.with_suffix(".tmp").replace(checkpoint)  # atomic: a kill mid-save keeps the last one
     return curve, ema or modules
 
 
-def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, crop: int, generator) -> list[float]:
+def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, crop: int, generator, checkpoint: Path) -> list[float]:
     """Reconstruction (L1) plus Stable Diffusion's tiny KL term (weight 1e-6), on random crops: the
     VAE is convolutional, so crops teach it the same local job at a fraction of the cost."""
     vae.train()
@@ -214,7 +236,7 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, crop: int,
         reconstruction = vae.decode(posterior.sample()).sample
         return F.l1_loss(reconstruction, batch) + 1e-6 * posterior.kl().mean()
 
-    curve, _ = fit([vae], batch_loss, steps, lr=1e-3, name="vae")
+    curve, _ = fit([vae], batch_loss, steps, lr=1e-3, name="vae", generator=generator, checkpoint=checkpoint)
     vae.eval()
     return curve
 
@@ -250,7 +272,7 @@ def weighted_mse(prediction, target, weights):
     return (weights * (prediction - target).pow(2).mean(dim=(1, 2, 3))).mean()
 
 
-def train_emoji(out: Path, vae_steps: int, unet_steps: int, device: torch.device, seed: int = 0) -> dict:
+def train_emoji(out: Path, vae_steps: int, unet_steps: int, device: torch.device, work: Path, seed: int = 0) -> dict:
     from diffusers import StableDiffusionPipeline
 
     torch.manual_seed(seed)
@@ -260,7 +282,7 @@ def train_emoji(out: Path, vae_steps: int, unet_steps: int, device: torch.device
     vae, text_encoder, unet = (m.to(device) for m in emoji_models(len(tokenizer), EMOJI_CAPTION_TOKENS, tokenizer))
     print(f"emoji-sd: {len(captions)} emoji, vocabulary {len(tokenizer)}", flush=True)
 
-    vae_curve = train_vae(vae, images, vae_steps, batch_size=32, crop=32, generator=generator)
+    vae_curve = train_vae(vae, images, vae_steps, batch_size=32, crop=32, generator=generator, checkpoint=work / "vae.pt")
     latents = scaled_latents(vae, images)
     # Classifier-free guidance needs an unconditional model too: one caption in ten is dropped.
     token_ids = tokenizer(captions, padding="max_length", max_length=EMOJI_CAPTION_TOKENS, return_tensors="pt").input_ids
@@ -277,7 +299,7 @@ def train_emoji(out: Path, vae_steps: int, unet_steps: int, device: torch.device
     text_encoder.train()
     unet.train()
     unet_curve, (text_encoder, unet) = fit([text_encoder, unet], batch_loss, unet_steps, lr=5e-4, name="unet",
-                                            ema_decay=0.999)
+                                            generator=generator, checkpoint=work / "unet.pt", ema_decay=0.999)
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(), scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -296,14 +318,14 @@ def train_emoji(out: Path, vae_steps: int, unet_steps: int, device: torch.device
     return {"vae": vae_curve, "unet": unet_curve}
 
 
-def train_fashion(out: Path, vae_steps: int, dit_steps: int, device: torch.device, seed: int = 0) -> dict:
+def train_fashion(out: Path, vae_steps: int, dit_steps: int, device: torch.device, work: Path, seed: int = 0) -> dict:
     from diffusers import DiTPipeline
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     images, labels = fashion_mnist("train")
     vae, transformer = (m.to(device) for m in fashion_models())
-    vae_curve = train_vae(vae, images, vae_steps, batch_size=64, crop=32, generator=generator)
+    vae_curve = train_vae(vae, images, vae_steps, batch_size=64, crop=32, generator=generator, checkpoint=work / "vae.pt")
     latents = scaled_latents(vae, images)
     scheduler = ddim_scheduler("linear", 0.0001, 0.02)
 
@@ -316,7 +338,8 @@ def train_fashion(out: Path, vae_steps: int, dit_steps: int, device: torch.devic
         return weighted_mse(prediction, noise, weights)
 
     transformer.train()
-    dit_curve, (transformer,) = fit([transformer], batch_loss, dit_steps, lr=5e-4, name="dit", ema_decay=0.999)
+    dit_curve, (transformer,) = fit([transformer], batch_loss, dit_steps, lr=5e-4, name="dit", generator=generator,
+                                    checkpoint=work / "dit.pt", ema_decay=0.999)
     with torch.no_grad():
         # Rows 10-999 of each label table are never used (see fashion_models); zeroing them says so,
         # and the file compresses well in git.
@@ -441,11 +464,10 @@ def train_fashion_classifier(seed: int = 0, epochs: int = 2):
             optimizer.step()
     classifier.eval()
     test_images, test_labels = fashion_mnist("test")
-    with torch.no_grad():
-        accuracy = (classify(classifier, test_images) == test_labels).float().mean().item()
-    return classifier, accuracy
+    return classifier, (classify(classifier, test_images) == test_labels).float().mean().item()
 
 
+@torch.no_grad()
 def classify(classifier, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([classifier(images[i:i + 500]).argmax(1) for i in range(0, len(images), 500)])
 
@@ -461,7 +483,6 @@ def pixel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().mean() * 127.5).item()
 
 
-@torch.no_grad()
 def evaluate_fashion(folder: Path, per_class: int = 100, steps: int = 25, seed: int = 0) -> dict:
     """Generate per_class images of each class; how often does a classifier trained on real
     Fashion-MNIST name the prompted class?"""
@@ -545,17 +566,25 @@ def plot_curves(curves: dict[str, list[float]], path: Path, title: str, smooth: 
 STEPS = {"emoji-sd": {"vae_steps": 1000, "unet_steps": 4000}, "fashion-dit": {"vae_steps": 500, "dit_steps": 3000}}
 
 
-def train(name: str, out: Path | None = None, **steps) -> None:
+def train(name: str, out: Path | None = None, resume: bool = False, **steps) -> None:
+    """Train `name` into `out` (default assets/NAME). Checkpoints go to the cache; resume=True
+    continues from them (also to train on for more steps), otherwise a run starts afresh."""
+    import shutil
+
     out = out or assets.MANIFEST.parent / name
+    work = assets.cache_dir() / "training" / name
+    if not resume:
+        shutil.rmtree(work, ignore_errors=True)
     steps = {k: v for k, v in steps.items() if v is not None}
     if set(steps) - set(STEPS[name]):
         raise ValueError(f"{name} has no {', '.join(sorted(set(steps) - set(STEPS[name])))}; it takes {', '.join(STEPS[name])}")
     steps = {**STEPS[name], **steps}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    curves = (train_emoji if name == "emoji-sd" else train_fashion)(out, device=device, **steps)
+    curves = (train_emoji if name == "emoji-sd" else train_fashion)(out, device=device, work=work, **steps)
     DOCS.mkdir(parents=True, exist_ok=True)
     (DOCS / f"{name}-training.json").write_text(json.dumps(curves))
     plot_curves(curves, DOCS / f"{name}-training.png", name)
+    shutil.rmtree(work)
 
 
 def evaluate(name: str, folder: Path | None = None) -> None:
