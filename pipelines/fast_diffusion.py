@@ -1,7 +1,7 @@
 """The diffusion lane's fast path: the same denoiser and VAE, laid out (and optionally compiled) for the GPU.
 
-    img = LatentDiffusionPipeline.from_pretrained("emoji-sd")                   # CUDA: on by default
-    img = LatentDiffusionPipeline.from_pretrained("emoji-sd", fast_path=False)  # as diffusers ships it
+    img = LatentDiffusionPipeline.from_pretrained("fashion-dit")                   # CUDA: on by default
+    img = LatentDiffusionPipeline.from_pretrained("fashion-dit", fast_path=False)  # as diffusers ships it
     report = enable_fast_path(img, compile=True)     # also torch.compile the denoiser and VAE decoder
     warm_up(img, height=512, width=512)              # compile now, and report how long it took
 

@@ -1,6 +1,6 @@
 """The diffusion lane: prompt -> text encoder -> [denoiser x steps (x 2 with CFG)] -> VAE decode -> image.
 
-    img = LatentDiffusionPipeline.from_pretrained("emoji-sd")
+    img = LatentDiffusionPipeline.from_pretrained("fashion-dit")
     res = img("a red apple", steps=20, guidance_scale=5.0, seed=0)
     for ev in img.stream("a red apple", steps=20):
         print(ev.phase, ev.index, ev.timestep, ev.forward_passes, ev.ms)

@@ -62,7 +62,7 @@ from studio import inspect as studio_inspect
 from studio.profiling import Measurement, StepTimer, ceilings_for, roofline
 
 DEFAULT_LLM = "smollm2-135m"  # the shipped default models
-DEFAULT_DIFFUSION = "emoji-sd"
+DEFAULT_DIFFUSION = "fashion-dit"  # the shipped diffusion model (emoji-sd is not trained yet)
 ROTATIONS = 3  # distinct input sets the timed repeats cycle through
 TILED_MAX_BLOCK_PAIRS = 1024  # the tiled kernel is a Python loop over 64x64 blocks: beyond this, minutes per step
 QUICK_ATTENTION = ("auto", "eager", "tiled")  # the kernels --quick runs in the lanes

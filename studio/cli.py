@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("imagine", help="paint an image from a prompt with a diffusion model, step by step")
     p.add_argument("prompt", help="what to paint (for a class-conditioned model: a class name; empty: unconditional)")
     p.add_argument("-o", "--output", default="image.png", help="where to write the PNG")
-    p.add_argument("--model", default="emoji-sd", help="a shipped name, a local diffusers folder or a hub id")
+    p.add_argument("--model", default="fashion-dit", help="a shipped name, a local diffusers folder or a hub id")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale; 1 turns it off")
     p.add_argument("--negative", help="negative prompt (default: empty)")
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llm", action="append", metavar="MODEL",
                    help="an LLM: shipped name, folder or hub id (repeatable; default: smollm2-135m)")
     p.add_argument("--diffusion", action="append", metavar="MODEL",
-                   help="a diffusion model: shipped name, folder or hub id (repeatable; default: emoji-sd)")
+                   help="a diffusion model: shipped name, folder or hub id (repeatable; default: fashion-dit)")
     p.add_argument("--shape", action="append", metavar="NAME",
                    help="a reference architecture with random weights, e.g. llama-3.2-1b, smollm2-135m, sd-1.5-unet, "
                         "dit-xl-2-256, tiny-llama, tiny-sd (repeatable; see `studio inspect --list`)")
