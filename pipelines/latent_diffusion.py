@@ -1,8 +1,8 @@
 """The diffusion lane: prompt -> text encoder -> [denoiser x steps (x 2 with CFG)] -> VAE decode -> image.
 
     img = LatentDiffusionPipeline.from_pretrained("fashion-dit")
-    res = img("a red apple", steps=20, guidance_scale=5.0, seed=0)
-    for ev in img.stream("a red apple", steps=20):
+    res = img("sneaker", steps=20, guidance_scale=4.0, seed=0)
+    for ev in img.stream("dress", steps=20):
         print(ev.phase, ev.index, ev.timestep, ev.forward_passes, ev.ms)
 
 The loop is ours; the models and schedulers are diffusers' own. It walks the highway in order:
