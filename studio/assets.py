@@ -93,7 +93,9 @@ def load_manifest(path: str | Path | None = None) -> dict[str, ShippedModel]:
                 raise ValueError(f"entry {model.name!r} has a bad kind, format or location")
             models[model.name] = model
     except (ValueError, KeyError, TypeError) as error:
-        raise LoadError(f"the model manifest {path} is malformed ({error}); restore it with: git checkout -- assets/manifest.json") from error
+        raise LoadError(
+            f"the model manifest {path} is malformed ({error}); restore it with: git checkout -- assets/manifest.json"
+        ) from error
     return models
 
 

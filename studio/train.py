@@ -313,7 +313,8 @@ def train_emoji(out: Path, vae_steps: int, unet_steps: int, device: torch.device
         training_data=f"{len(captions)} single-codepoint emoji rendered from Noto Color Emoji at 64x64, "
                       "captioned with their lower-cased Unicode names",
         training_data_license="OFL-1.1 (Noto Color Emoji font, Debian package fonts-noto-color-emoji)",
-        source=f"trained from scratch by `studio train emoji-sd` ({vae_steps} VAE steps, {unet_steps} UNet steps, seed {seed})",
+        source=f"trained from scratch by `studio train emoji-sd` ({vae_steps} VAE steps, {unet_steps} UNet steps, "
+               f"seed {seed})",
     )
     return {"vae": vae_curve, "unet": unet_curve}
 
@@ -356,7 +357,8 @@ def train_fashion(out: Path, vae_steps: int, dit_steps: int, device: torch.devic
                      "class-conditional) + AutoencoderKL (32x32x1 <-> 8x8x4) + DDIM",
         training_data="Fashion-MNIST: 60,000 training images of 10 clothing classes, padded to 32x32",
         training_data_license="MIT (Zalando Research, Debian package dataset-fashion-mnist)",
-        source=f"trained from scratch by `studio train fashion-dit` ({vae_steps} VAE steps, {dit_steps} DiT steps, seed {seed})",
+        source=f"trained from scratch by `studio train fashion-dit` ({vae_steps} VAE steps, {dit_steps} DiT steps, "
+               f"seed {seed})",
     )
     return {"vae": vae_curve, "dit": dit_curve}
 
@@ -396,8 +398,8 @@ def record_in_manifest(name: str, folder: Path, **fields) -> None:
 
 
 # Prompts named in the issue and a few more, for the sample grid (all are training captions).
-EMOJI_SHOWCASE = ["red apple", "rocket", "smiling face with heart-shaped eyes", "dog face", "pizza", "snowman",
-                  "sun with face", "hot beverage", "rainbow", "ghost"]
+EMOJI_SHOWCASE = ["red apple", "rocket", "smiling face with heart-shaped eyes", "dog face", "slice of pizza",
+                  "snowman without snow", "sun with face", "hot beverage", "rainbow", "ghost"]
 
 
 @torch.no_grad()
@@ -496,7 +498,8 @@ def evaluate_fashion(folder: Path, per_class: int = 100, steps: int = 25, seed: 
     decoded = round_trip(pipe.vae, test_images)
     results = {"classifier_test_accuracy": test_accuracy, "samples_per_class": per_class, "steps": steps,
                "vae_round_trip_error": pixel_error(decoded, test_images),
-               "classifier_accuracy_on_vae_round_trips": (classify(classifier, decoded) == test_labels).float().mean().item()}
+               "classifier_accuracy_on_vae_round_trips":
+                   (classify(classifier, decoded) == test_labels).float().mean().item()}
     for guidance in (DEFAULT_GUIDANCE, 1.0):
         generated, wanted = [], []
         for label in range(len(FASHION_CLASSES)):
@@ -567,18 +570,21 @@ STEPS = {"emoji-sd": {"vae_steps": 1000, "unet_steps": 4000}, "fashion-dit": {"v
 
 
 def train(name: str, out: Path | None = None, resume: bool = False, **steps) -> None:
-    """Train `name` into `out` (default assets/NAME). Checkpoints go to the cache; resume=True
-    continues from them (also to train on for more steps), otherwise a run starts afresh."""
+    """Train `name` into `out` (default assets/NAME). Checkpoints go to the cache and are removed
+    once the model is saved; resume=True continues from them (also to train on for more steps)."""
     import shutil
 
     out = out or assets.MANIFEST.parent / name
-    work = assets.cache_dir() / "training" / name
-    if not resume:
-        shutil.rmtree(work, ignore_errors=True)
     steps = {k: v for k, v in steps.items() if v is not None}
     if set(steps) - set(STEPS[name]):
-        raise ValueError(f"{name} has no {', '.join(sorted(set(steps) - set(STEPS[name])))}; it takes {', '.join(STEPS[name])}")
+        unknown = ", ".join(sorted(set(steps) - set(STEPS[name])))
+        raise ValueError(f"{name} has no {unknown}; it takes {', '.join(STEPS[name])}")
     steps = {**STEPS[name], **steps}
+    work = assets.cache_dir() / "training" / name
+    if work.exists() and not resume:
+        # Hours of training may be in there: never thrown away without being asked.
+        raise ValueError(f"{work} holds an unfinished run's checkpoints: pass --resume to continue it, "
+                         "or delete the folder to start afresh")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     curves = (train_emoji if name == "emoji-sd" else train_fashion)(out, device=device, work=work, **steps)
     DOCS.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ on the shipped default models."""
 
 import concurrent.futures
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -126,8 +127,10 @@ def test_a_user_runs_both_lanes_in_a_browser(url):
         page.get_by_role("button", name="Run both").click()
         page.get_by_text("tokens/s").wait_for(timeout=120_000)
         if DIFFUSION is not None:
-            page.get_by_text("forward passes").first.wait_for(timeout=120_000)
-        page.wait_for_timeout(1000)
+            # the counters' last line, written once the VAE has decoded the image
+            page.get_by_text(re.compile(r"VAE decode [\d.]+ ms")).first.wait_for(timeout=180_000)
+        page.get_by_text(re.compile(r"decode ×\d+")).first.wait_for(timeout=120_000)  # the timeline, after both
+        page.wait_for_timeout(4000)  # the charts redraw after the last update
         assert page.locator(".chip").count() >= 3
         page.screenshot(path=str(SCREENSHOTS / "studio.png"), full_page=True)
         page.get_by_role("tab", name="Inspector").click()

@@ -41,6 +41,7 @@ def test_alternatives_table_has_both_distributions(events):
 def test_step_times_and_counters(events):
     times = render.step_times(events, ("prefill", "decode"))
     assert list(times["phase"]) == ["prefill"] + ["decode"] * 4
+    assert list(render.step_times(events[:2], ("prefill", "decode"))["phase"]) == ["prefill", "decode"]
     assert list(times["step"]) == sorted(times["step"])  # the chart's alphabetical order is the run's
     text = render.llm_counters(events, ceilings_for("cpu"), torch.float32)
     assert "time to first token" in text and "tokens/s" in text and "memory-bound" in text

@@ -11,6 +11,7 @@ import threading
 
 import gradio as gr
 import torch
+from PIL import Image
 
 from pipelines import LatentDiffusionPipeline, TextGenerationPipeline
 from pipelines.remote import remote_from_env
@@ -95,6 +96,13 @@ def example_prompt(name: str | None) -> str:
     return (model.example_prompt or "") if model else ""
 
 
+def enlarged(image, side: int = 256):
+    """A small image (a latent-resolution preview is 8 x 8 for the tiny DiT) scaled up with square
+    pixels, so it is seen as it is rather than as a speck or a blur."""
+    scale = max(1, side // max(image.size))
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
+
+
 def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -177,9 +185,9 @@ def _studio_tab(models: Models, default_device: str):
             stream = gr.HighlightedText(label="generated tokens (green: likely, red: unlikely) — click one",
                                         combine_adjacent=False, show_legend=False)
             alternatives = gr.BarPlot(x="token", y="probability", color="distribution", label="its top alternatives",
-                                      sort=None, height=220)
-            llm_times = gr.BarPlot(x="step", y="ms", color="phase", label="device time per step", height=220, sort=None,
-                                   color_map={k: render.PHASE_COLORS[k] for k in ("prefill", "decode")})
+                                      sort=None, height=260, x_label_angle=-35,
+                                      color_map={"model": "#4c78a8", "sampled": "#f28e2b"})
+            llm_times = gr.BarPlot(x="step", y="ms", color="phase", label="device time per step", height=220, sort=None)
             llm_stats = gr.Markdown()
         with gr.Column():
             gr.Markdown("## Diffusion lane\nprompt → text encoder → denoiser × steps (× 2 with CFG) → VAE decode")
@@ -200,9 +208,7 @@ def _studio_tab(models: Models, default_device: str):
             preview = gr.Image(label="x0 prediction at this step", type="pil", height=256)
             filmstrip = gr.Gallery(label="filmstrip", columns=10, height=140, preview=False)
             final = gr.Image(label="final image", type="pil", format="png", height=256)
-            img_times = gr.BarPlot(x="step", y="ms", color="phase", label="device time per step", height=220, sort=None,
-                                   color_map={"encode": render.PHASE_COLORS["encode"],
-                                              "denoise": render.PHASE_COLORS["denoise"], "decode": "#76b7b2"})
+            img_times = gr.BarPlot(x="step", y="ms", color="phase", label="device time per step", height=220, sort=None)
             img_stats = gr.Markdown()
     gr.Markdown("### Timeline: both lanes' stages, with the shapes that flow through them")
     timeline = gr.HTML(render.timeline([], []))
@@ -250,7 +256,8 @@ def _studio_tab(models: Models, default_device: str):
                 events.append(ev)
                 if ev.preview is not None:
                     strip.append((ev.preview, f"step {ev.index + 1}"))
-                yield (ev.preview if ev.preview is not None else gr.skip(), strip, ev.image if ev.image else gr.skip(),
+                yield (enlarged(ev.preview) if ev.preview is not None else gr.skip(), strip,
+                       ev.image if ev.image else gr.skip(),  # the real output, as the download should be
                        render.step_times(events, ("encode", "denoise", "decode")),
                        render.diffusion_counters(events, ceilings, dtype), render.stages(events, "diffusion"))
 

@@ -51,11 +51,11 @@ def step_times(events, phases: tuple[str, ...]) -> pd.DataFrame:
     alphabetically), device milliseconds and phase."""
     timed = [e for e in events if e.phase in phases and e.timing is not None]
     width = len(str(max(len(timed) - 1, 0)))
-    return pd.DataFrame([(f"{n:0{width}d}", ev.ms, ev.phase) for n, ev in enumerate(timed)], columns=["step", "ms", "phase"])
-
-
-# fixed colours per phase, so a bar of a phase that was not in the first update still shows
-PHASE_COLORS = {"prefill": "#4c78a8", "decode": "#59a14f", "encode": "#f28e2b", "denoise": "#e15759"}
+    rows = [(f"{n:0{width}d}", ev.ms, ev.phase) for n, ev in enumerate(timed)]
+    # every phase from the first update on (a zero-height bar until it runs): the chart fixes its
+    # colours on its first data and would leave out the bars of a phase it had not seen
+    rows += [(f"{0:0{width}d}", 0.0, phase) for phase in phases if phase not in {ev.phase for ev in timed}]
+    return pd.DataFrame(rows, columns=["step", "ms", "phase"])
 
 
 def stage_roofline(events, ceilings: Ceilings, dtype: torch.dtype):
