@@ -58,6 +58,7 @@ from studio import backends
 from studio.backends.attention import check_name as check_attention_name
 from studio.backends.precision import PrecisionLinear
 from studio.events import Step
+from studio.inspect import tensor_bytes
 from studio.integrations import diffusers as studio_diffusers
 from studio.integrations import transformers as studio_transformers
 from studio.loading import LoadError, check_weights_format, resolve_device, resolve_dtype
@@ -771,16 +772,6 @@ def tensor_shapes(value):
     if isinstance(value, (tuple, list)):
         return tuple(tensor_shapes(v) for v in value)
     return None
-
-
-def tensor_bytes(value) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.nbytes
-    if isinstance(value, dict):
-        return sum(tensor_bytes(v) for v in value.values())
-    if isinstance(value, (tuple, list)):
-        return sum(tensor_bytes(v) for v in value)
-    return 0
 
 
 def is_integer(value) -> bool:

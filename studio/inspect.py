@@ -585,13 +585,14 @@ def count_on_meta(fn, *args, **kwargs) -> tuple[object, int, list]:
     return output, flops, shapes.calls
 
 
-def _tensor_bytes(value) -> int:
+def tensor_bytes(value) -> int:
+    """Bytes of every tensor in a value (a tensor, or dicts/tuples/lists of them); meta tensors count too."""
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     if isinstance(value, dict):
-        return sum(_tensor_bytes(v) for v in value.values())
+        return sum(tensor_bytes(v) for v in value.values())
     if isinstance(value, (tuple, list)):
-        return sum(_tensor_bytes(v) for v in value)
+        return sum(tensor_bytes(v) for v in value)
     return 0
 
 
@@ -605,7 +606,7 @@ def _denoiser_cost(config_json: str, dtype: str, batch: int, latent_hw: tuple[in
     kwargs = denoiser_inputs(model, batch, latent_hw, text_tokens=text_tokens)
     output, flops, calls = count_on_meta(lambda **kw: model(**kw, return_dict=False)[0], **kwargs)
     # as the diffusion lane counts a call: its weights once, plus the tensors in and out
-    nbytes = _params_bytes(model) + _tensor_bytes(kwargs) + _tensor_bytes(output)
+    nbytes = _params_bytes(model) + tensor_bytes(kwargs) + tensor_bytes(output)
     return model, flops, nbytes, calls
 
 
@@ -615,7 +616,7 @@ def _vae_decode_cost(config_json: str, dtype: str, latent_hw: tuple[int, int]):
     latents = torch.zeros(1, vae.config.latent_channels, *latent_hw, device="meta", dtype=TORCH_DTYPES.get(dtype))
     image, flops, calls = count_on_meta(lambda x: vae.decode(x, return_dict=False)[0], latents)
     decoder = [m for m in (vae.decoder, getattr(vae, "post_quant_conv", None)) if m is not None]
-    nbytes = sum(_params_bytes(m) for m in decoder) + _tensor_bytes(latents) + _tensor_bytes(image)
+    nbytes = sum(_params_bytes(m) for m in decoder) + tensor_bytes(latents) + tensor_bytes(image)
     return vae, flops, nbytes, calls
 
 
