@@ -57,7 +57,7 @@ from torch import nn
 from transformers import LlamaForCausalLM, Qwen2ForCausalLM, RepetitionPenaltyLogitsProcessor
 
 from studio import backends
-from studio.inspect import decoder_step_cost
+from studio.cost import decoder_step_cost
 from studio.profiling import StepTimer
 
 from .sampling import SamplingSettings

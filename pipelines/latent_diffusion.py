@@ -58,7 +58,7 @@ from studio import backends
 from studio.backends.attention import check_name as check_attention_name
 from studio.backends.precision import PrecisionLinear
 from studio.events import Step
-from studio.inspect import tensor_bytes
+from studio.cost import tensor_bytes
 from studio.integrations import diffusers as studio_diffusers
 from studio.integrations import transformers as studio_transformers
 from studio.loading import LoadError, check_weights_format, resolve_device, resolve_dtype

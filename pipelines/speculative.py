@@ -29,7 +29,7 @@ import torch
 from transformers import DynamicCache
 
 from studio import backends
-from studio.inspect import decoder_step_cost
+from studio.cost import decoder_step_cost
 from studio.profiling import StepTimer
 
 from .sampling import choose_token

@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from studio import assets, backends
 from studio.backends.attention import check_name as check_attention_name
 from studio.events import Step
-from studio.inspect import decoder_shape, decoder_step_cost
+from studio.cost import decoder_shape, decoder_step_cost
 from studio.integrations.transformers import use_studio_attention
 from studio.loading import LoadError, check_weights_format, resolve_device, resolve_dtype
 from studio.profiling import StepTimer

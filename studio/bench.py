@@ -12,7 +12,7 @@ The tables, one row per workload:
                   next to the stock diffusers pipeline built from the same components
     attention     every attention kernel on one long causal sequence: time, TFLOP/s, peak memory
     side_by_side  prefill, decode, a denoising step and a VAE decode on this device's roofline
-    inspector     what studio.inspect predicts from the config against what was measured
+    inspector     what studio.inspector predicts from the config against what was measured
 and `goals` lists the goals of the lane issues with the measured distance to each.
 
 How it measures (the rules of shared/ANCHORS.md):
@@ -58,7 +58,8 @@ from time import perf_counter
 import torch
 
 from studio import backends
-from studio import inspect as studio_inspect
+from studio import inspector
+from studio.cost import decoder_step_cost
 from studio.profiling import Measurement, StepTimer, ceilings_for, roofline
 
 DEFAULT_LLM = "smollm2-135m"  # the shipped default models
@@ -392,7 +393,7 @@ def build_llm_shape(name: str, device, dtype: torch.dtype):
 
     from pipelines.text_generation import TextGenerationPipeline
 
-    loaded = studio_inspect.load_config(name)
+    loaded = inspector.load_config(name)
     if loaded.kind != "llm":
         raise ValueError(f"{name} is a diffusion config; use it as a diffusion shape")
     fields = dict(loaded.config)
@@ -412,7 +413,7 @@ def build_diffusion_shape(name: str, device, dtype: torch.dtype):
 
     from pipelines.latent_diffusion import TRANSFORMER_PROMPT_TOKENS, LatentDiffusionPipeline
 
-    loaded = studio_inspect.load_config(name)
+    loaded = inspector.load_config(name)
     if loaded.kind != "diffusion":
         raise ValueError(f"{name} is an LLM config; use it as an LLM shape")
     if "text_encoder_2" in loaded.components:
@@ -428,13 +429,13 @@ def build_diffusion_shape(name: str, device, dtype: torch.dtype):
         return {k: v for k, v in config.items() if not k.startswith("_")}
 
     with _default_dtype(dtype), torch.device(device):
-        denoiser = studio_inspect.diffusers_model_class(loaded.config).from_config(fields(loaded.config))
+        denoiser = inspector.diffusers_model_class(loaded.config).from_config(fields(loaded.config))
         vae = diffusers.AutoencoderKL.from_config(fields(loaded.components["vae"]))
     scheduler_config = loaded.components["scheduler"]
     scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(fields(scheduler_config))
     text_encoder = tokenizer = None
     if "text_encoder" in loaded.components:
-        meta = studio_inspect.text_encoder_on_meta(loaded.components["text_encoder"])
+        meta = inspector.text_encoder_on_meta(loaded.components["text_encoder"])
         with torch.device(device):
             text_encoder = type(meta)._from_config(meta.config, dtype=dtype)
         is_unet = isinstance(denoiser, diffusers.UNet2DConditionModel)
@@ -454,9 +455,9 @@ def _reference_name(config: dict, kind: str) -> str | None:
     keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
             "vocab_size", "n_embd", "n_layer", "block_out_channels", "num_layers", "attention_head_dim",
             "sample_size", "cross_attention_dim")
-    for name, folder in studio_inspect.reference_configs().items():
+    for name, folder in inspector.reference_configs().items():
         try:
-            reference = studio_inspect.load_config(folder)
+            reference = inspector.load_config(folder)
         except (ValueError, OSError):
             continue
         if reference.kind != kind:
@@ -826,7 +827,7 @@ class LLMBench:
         config = llm.model.config.to_dict()
         self.arch = self.name if self.shape else _reference_name(config, "llm")
         dtype_key = _dtype_name(self._dtype())
-        self.analysis = studio_inspect.analyse(
+        self.analysis = inspector.analyse(
             config, device=self.results.ceilings, dtype=dtype_key, prompt_tokens=self.settings.prompt_tokens
         )
         self.weights_bytes = tensor_bytes(llm.model)
@@ -936,7 +937,7 @@ class LLMBench:
         prefill_flops = runs[0]["prefill_flops"]
         prompt_len = runs[0]["prompt_len"]
         # bytes one plain decode step moves per token (weights, KV cache, logits), mid-generation
-        flops_tok, bytes_tok = studio_inspect.decoder_step_cost(llm.shape, 1, 1, prompt_len + s.new_tokens // 2)
+        flops_tok, bytes_tok = decoder_step_cost(llm.shape, 1, 1, prompt_len + s.new_tokens // 2)
         bytes_tok = bytes_tok * _bytes_scale(llm, v["precision"])
         step_ms = 1e3 / tok_s if tok_s else None
         kv_tokens = prompt_len + s.new_tokens - 1
@@ -957,7 +958,7 @@ class LLMBench:
             weights_bytes=self.weights_bytes,
             kv_bytes=runs[-1]["kv_bytes"] if v["cache"] else 0,
             kv_bytes_predicted=self.analysis.kv_bytes_per_token * kv_tokens if plain else None,
-            activations_bytes=studio_inspect.decoder_activation_bytes(
+            activations_bytes=inspector.decoder_activation_bytes(
                 self.analysis, 1 if v["cache"] else prompt_len + s.new_tokens, prompt_len + s.new_tokens,
                 eager=v["attention"] == "eager"),
             peak_mem_bytes=memory.peak, peak_growth_bytes=memory.growth, **base,
@@ -1063,7 +1064,7 @@ class LLMBench:
                 if row["model"] == self.model_name and row["path"] == "studio" and row["decode_tok_s"] and tok_s:
                     row["speedup_vs_stock"] = row["decode_tok_s"] / tok_s
         prompt_len = runs[0]["prompt_len"]
-        flops_tok, bytes_tok = studio_inspect.decoder_step_cost(llm.shape, 1, 1, prompt_len + s.new_tokens // 2)
+        flops_tok, bytes_tok = decoder_step_cost(llm.shape, 1, 1, prompt_len + s.new_tokens // 2)
         dtype = _peak_key(None, self._dtype())
         return self.results.add("llm", _row(
             "llm", status="ok", repeats=len(runs), warmup_ms=warmup_ms,
@@ -1168,7 +1169,7 @@ class LLMBench:
                     m = measure_rotating(prefill, inputs, self.device, max(0, s.warmup - 1), s.repeats)
         finally:
             backends.restore_precision(llm.model)
-        flops, _ = studio_inspect.decoder_step_cost(llm.shape, 1, s.prefill_tokens, s.prefill_tokens)
+        flops, _ = decoder_step_cost(llm.shape, 1, s.prefill_tokens, s.prefill_tokens)
         dtype = _peak_key(precision, self._dtype())
         self.results.add("prefill", _row(
             "prefill", status="ok", repeats=len(m.all_ms), warmup_ms=warmup_ms, ms=m.median_ms, ms_min=m.min_ms,
@@ -1279,8 +1280,8 @@ class DiffusionBench:
         self.arch = self.name if self.shape else _reference_name(config, "diffusion")
         size = self.settings.image_size
         self.image = (size, size) if size else pipe.default_size
-        self.analysis = studio_inspect.analyse(
-            studio_inspect.ModelConfig(self.model_name, "diffusion", _jsonable(config), _jsonable(components)),
+        self.analysis = inspector.analyse(
+            inspector.ModelConfig(self.model_name, "diffusion", _jsonable(config), _jsonable(components)),
             device=self.results.ceilings, dtype=_dtype_name(pipe.dtype), image_size=self.image,
         )
         self.weights_bytes = tensor_bytes(pipe.denoiser)
@@ -1746,7 +1747,7 @@ def _fmt(value, kind: str = "") -> str:
     if kind == "x":
         return f"{value:.2f}×" if value >= 0.1 else f"{value:.2g}×"
     if kind == "bytes":
-        return studio_inspect.human_bytes(value)
+        return inspector.human_bytes(value)
     if kind == "err":
         return f"{value:+.1%}"
     if isinstance(value, float):
@@ -1861,17 +1862,17 @@ def markdown(data: dict) -> str:
         out += ["", "## Side by side on this device's roofline", "", _table(
             ["lane", "workload", "model", "ms", "FLOPs", "bytes", "FLOP/byte", "ridge", "bound", "TFLOP/s", "GB/s",
              "share of roof", "roofline ms"],
-            [[r["lane"], r["workload"], r["model"], _fmt(r["ms"]), studio_inspect.human_count(r["flops"]),
+            [[r["lane"], r["workload"], r["model"], _fmt(r["ms"]), inspector.human_count(r["flops"]),
               _fmt(r["bytes"], "bytes"), _fmt(r["intensity"]), _fmt(r["ridge"]), r["bound"], _fmt(r["tflop_s"]),
               _fmt(r["gb_s"]), _fmt(r["share"], "pct"), _fmt(r["predicted_ms"])] for r in side],
         ), "", "![roofline](roofline.png)"]
-    inspector = tables["inspector"]
-    if inspector:
+    predicted_rows = tables["inspector"]
+    if predicted_rows:
         out += ["", "## Predicted (studio inspect) against measured", "", _table(
             ["model", "quantity", "predicted", "measured", "error", "how it was measured"],
             [[r["model"], r["quantity"], _fmt(r["predicted"], "bytes" if r["unit"] == "bytes" else ""),
               _fmt(r["measured"], "bytes" if r["unit"] == "bytes" else ""), _fmt(r["error"], "err"), r["method"]]
-             for r in inspector],
+             for r in predicted_rows],
         ), "", "error = measured / predicted − 1. Times are the roofline's lower bound on this device: the error "
            "is how far the run stayed from it."]
     goals = data.get("goals") or []

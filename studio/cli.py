@@ -141,12 +141,12 @@ def cmd_bench(args) -> int:
     from pathlib import Path
 
     from studio import bench
-    from studio import inspect as studio_inspect
+    from studio import inspector
 
     llm_shapes, diffusion_shapes = [], []
     for name in args.shape or []:
-        loaded = studio_inspect.load_config(name)
-        reference = studio_inspect.find_reference(name)
+        loaded = inspector.load_config(name)
+        reference = inspector.find_reference(name)
         (llm_shapes if loaded.kind == "llm" else diffusion_shapes).append(reference.name if reference else name)
     lanes = tuple(lane.strip() for lane in args.lanes.split(",") if lane.strip())
     unknown = set(lanes) - {"llm", "diffusion", "attention"}
@@ -180,18 +180,18 @@ def cmd_inspect(args) -> int:
     import json
     from pathlib import Path
 
-    from studio import inspect as studio_inspect
+    from studio import inspector
 
     if args.list:
-        for name, folder in studio_inspect.reference_configs(tiny=True).items():
+        for name, folder in inspector.reference_configs(tiny=True).items():
             print(f"{name:<16} {folder}")
         return 0
     if not args.config:
         raise ValueError("give a config: a reference name (see --list), a config.json, a folder or a hub id")
-    analysis = studio_inspect.analyse(
+    analysis = inspector.analyse(
         args.config, device=args.device, dtype=args.dtype, prompt_tokens=args.prompt_tokens, image_size=args.image_size
     )
-    print(studio_inspect.format_analysis(analysis))
+    print(inspector.format_analysis(analysis))
     # where a benchmark measured this model, its measurements next to the predictions
     from studio import bench
 

@@ -6,7 +6,7 @@ from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DCon
 from tiny_llms import byte_tokenizer, tiny_llm
 
 from pipelines.text_generation import TextGenerationPipeline
-from studio import inspect as studio_inspect
+from studio import inspector
 from studio.cli import main
 from studio.profiling import known_devices
 
@@ -16,8 +16,8 @@ PROMPT = "The cat sat on the mat."
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_llm_parameters_and_bytes_equal_a_real_tiny_model(family, dtype):
-    model = tiny_llm(family).to(studio_inspect.TORCH_DTYPES[dtype])
-    analysis = studio_inspect.analyse(model.config.to_dict(), dtype=dtype)
+    model = tiny_llm(family).to(inspector.TORCH_DTYPES[dtype])
+    analysis = inspector.analyse(model.config.to_dict(), dtype=dtype)
     assert analysis.parameters == model.num_parameters()
     assert analysis.weight_bytes[dtype] == sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -48,9 +48,9 @@ def tiny_pixart():
 @pytest.mark.parametrize("make", [tiny_unet, tiny_dit, tiny_pixart], ids=["unet", "dit", "pixart"])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_denoiser_parameters_and_bytes_equal_a_real_tiny_model(make, dtype):
-    model = make().to(studio_inspect.TORCH_DTYPES[dtype])
+    model = make().to(inspector.TORCH_DTYPES[dtype])
     config = {"_class_name": type(model).__name__, **dict(model.config)}
-    analysis = studio_inspect.analyse(config, dtype=dtype)
+    analysis = inspector.analyse(config, dtype=dtype)
     assert analysis.kind == "diffusion"
     assert analysis.parameters == model.num_parameters()
     assert analysis.weight_bytes[dtype] == sum(p.numel() * p.element_size() for p in model.parameters())
@@ -62,21 +62,21 @@ def test_denoiser_parameters_and_bytes_equal_a_real_tiny_model(make, dtype):
     ("qwen2.5-0.5b", 494_032_768), ("gpt2", 124_439_808),
 ])
 def test_reference_llm_configs_have_the_published_parameter_counts(name, parameters):
-    config = studio_inspect.load_config(name).config
-    assert studio_inspect.llm_on_meta(config).num_parameters() == parameters
+    config = inspector.load_config(name).config
+    assert inspector.llm_on_meta(config).num_parameters() == parameters
 
 
 def test_reference_unet_config_has_the_published_parameter_count():
-    config = studio_inspect.load_config("sd-1.5-unet").config
-    assert studio_inspect.diffusers_on_meta(config).num_parameters() == 859_520_964
+    config = inspector.load_config("sd-1.5-unet").config
+    assert inspector.diffusers_on_meta(config).num_parameters() == 859_520_964
 
 
 def test_reference_names_are_forgiving():
     for spelling, name in [("Llama-3.2-1B", "llama-3.2-1b"), ("DiT-XL/2", "dit-xl-2-256"), ("SD-1.5 UNet", "sd-1.5-unet"),
                            ("SmolLM2-135M", "smollm2-135m")]:
-        assert studio_inspect.find_reference(spelling).name == name
-    assert "tiny-llama" not in studio_inspect.reference_configs()
-    assert "tiny-llama" in studio_inspect.reference_configs(tiny=True)
+        assert inspector.find_reference(spelling).name == name
+    assert "tiny-llama" not in inspector.reference_configs()
+    assert "tiny-llama" in inspector.reference_configs(tiny=True)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def llm():
 
 
 def test_kv_bytes_per_token_equal_what_the_lane_allocates(llm):
-    analysis = studio_inspect.analyse(llm.model.config.to_dict(), dtype="fp32")
+    analysis = inspector.analyse(llm.model.config.to_dict(), dtype="fp32")
     events = list(llm.stream(PROMPT, max_new_tokens=8))
     prompt_len, generated = len(events[0].token_ids), len(events) - 1
     # after the last step the cache holds the prompt and every generated token but the last
@@ -96,14 +96,14 @@ def test_kv_bytes_per_token_equal_what_the_lane_allocates(llm):
 def test_prefill_and_decode_work_equal_the_lane_events(llm):
     events = list(llm.stream(PROMPT, max_new_tokens=3))
     prompt_len = len(events[0].token_ids)
-    analysis = studio_inspect.analyse(llm.model.config.to_dict(), dtype="fp32", prompt_tokens=prompt_len)
+    analysis = inspector.analyse(llm.model.config.to_dict(), dtype="fp32", prompt_tokens=prompt_len)
     prefill, first_decode = events[1], events[2]
     assert (prefill.flops, prefill.bytes) == (analysis.workload("prefill").flops, analysis.workload("prefill").bytes)
     assert (first_decode.flops, first_decode.bytes) == (analysis.workload("decode").flops, analysis.workload("decode").bytes)
 
 
 def test_every_known_device_gets_a_prediction_and_the_bounds_follow_the_roofline():
-    analysis = studio_inspect.analyse("llama-3.2-1b", prompt_tokens=2048)
+    analysis = inspector.analyse("llama-3.2-1b", prompt_tokens=2048)
     assert analysis.devices == known_devices()
     for device in analysis.devices:
         assert analysis.predicted(device, "decode").bound == "memory"
@@ -111,7 +111,7 @@ def test_every_known_device_gets_a_prediction_and_the_bounds_follow_the_roofline
     # decode reads every weight once: 2.47 GB of bf16 at 3.35 TB/s
     assert h100.ms == pytest.approx(analysis.workload("decode").bytes / 3.35e12 * 1e3)
     assert analysis.predicted("H100 SXM", "prefill").bound == "compute"
-    assert studio_inspect.analyse("llama-3.2-1b", device="h100").devices == ["H100 SXM", "H100 PCIe"]
+    assert inspector.analyse("llama-3.2-1b", device="h100").devices == ["H100 SXM", "H100 PCIe"]
 
 
 def test_inspect_prints_parameters_kv_bytes_and_a_bound_per_known_device(capsys):

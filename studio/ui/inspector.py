@@ -1,6 +1,6 @@
 """The Inspector and Benchmarks tabs: what a config predicts, and what the suite measures.
 
-Depends on gradio, matplotlib, studio.inspect and studio.bench; no model logic here.
+Depends on gradio, matplotlib, studio.inspector and studio.bench; no model logic here.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import gradio as gr
 import pandas as pd
 import torch
 
-from studio import inspect
+from studio import inspector as config_inspector
 from studio.bench import roofline_axes
 from studio.profiling import ceilings_for
 
@@ -62,20 +62,20 @@ def roofline_figure(analysis, device: torch.device):
 
 
 def summary(analysis) -> str:
-    lines = [f"### {analysis.name} — {analysis.architecture}", f"- **{inspect.human_count(analysis.parameters)} parameters**"]
-    lines.append("- weights: " + ", ".join(f"{dtype} {inspect.human_bytes(b)}" for dtype, b in analysis.weight_bytes.items()))
+    lines = [f"### {analysis.name} — {analysis.architecture}", f"- **{config_inspector.human_count(analysis.parameters)} parameters**"]
+    lines.append("- weights: " + ", ".join(f"{dtype} {config_inspector.human_bytes(b)}" for dtype, b in analysis.weight_bytes.items()))
     if analysis.kv_bytes_per_token:
         lines.append(
-            f"- KV cache: **{inspect.human_bytes(analysis.kv_bytes_per_token)} per token**, "
-            f"{inspect.human_bytes(analysis.kv_bytes_full_context)} at the full context of {analysis.context_length:,} tokens"
+            f"- KV cache: **{config_inspector.human_bytes(analysis.kv_bytes_per_token)} per token**, "
+            f"{config_inspector.human_bytes(analysis.kv_bytes_full_context)} at the full context of {analysis.context_length:,} tokens"
         )
     if analysis.attention_scores_bytes:
         lines.append(
-            f"- eager attention would materialise a score matrix of {inspect.human_bytes(analysis.attention_scores_bytes)} "
+            f"- eager attention would materialise a score matrix of {config_inspector.human_bytes(analysis.attention_scores_bytes)} "
             f"{analysis.attention_scores_shape}; flash-style kernels never build it"
         )
     for w in analysis.workloads:
-        lines.append(f"- {w.name} ({w.detail}): {w.flops / 1e9:,.2f} GFLOP, {inspect.human_bytes(w.bytes)} moved, "
+        lines.append(f"- {w.name} ({w.detail}): {w.flops / 1e9:,.2f} GFLOP, {config_inspector.human_bytes(w.bytes)} moved, "
                      f"**{w.intensity:.1f} FLOP/byte**")
     return "\n".join(lines)
 
@@ -86,7 +86,7 @@ def predictions_table(analysis) -> pd.DataFrame:
 
 
 def inspector_tab(default_device: str):
-    references = list(inspect.reference_configs())
+    references = list(config_inspector.reference_configs())
     with gr.Row():
         default = "llama-3.2-1b" if "llama-3.2-1b" in references else (references or [None])[0]
         reference = gr.Dropdown(references, value=default, label="reference architecture")
@@ -103,7 +103,7 @@ def inspector_tab(default_device: str):
             source = json.loads(config_text) if config_text and config_text.strip() else name
             if source is None:
                 raise ValueError("choose a reference architecture or paste a config.json")
-            analysis = inspect.analyse(source)
+            analysis = config_inspector.analyse(source)
             return summary(analysis), predictions_table(analysis), roofline_figure(analysis, torch.device(dev))
         except json.JSONDecodeError as error:
             raise gr.Error(f"the pasted config is not valid JSON: {error}") from None

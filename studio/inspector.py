@@ -1,21 +1,13 @@
-"""What a model's shape predicts before it runs: the work (FLOPs) and the traffic (bytes) of a step.
+"""The inspector: what a model's config predicts before it runs.
 
-A decoder step over `q_len` new tokens with `kv_len` keys in view multiplies every weight matrix
-once per token (2 FLOPs per weight per token), attends over the keys (4·heads·head_dim FLOPs per
-query-key pair: Q·Kᵀ and P·V), and must read every weight matrix and the whole KV cache from
-memory at least once. At batch 1 decode that is ~2 FLOPs per byte of weights: far below any
-GPU's ridge point, hence memory-bound. Prefill does the same reads for many tokens at once:
-compute-bound.
-
-The second half is the inspector: `analyse(config)` turns a config.json (an LLM's, or a diffusers
-pipeline folder's) into parameters, weight and KV-cache memory, the work and traffic of a prefill,
+`analyse(config)` turns a config.json (an LLM's, or a diffusers pipeline folder's) into parameters, weight and KV-cache memory, the work and traffic of a prefill,
 a decode token, a denoising step and a VAE decode, and the time and bound each known GPU would
 give them (`studio.profiling.roofline`). It builds the model on the meta device, where tensors
 have shapes but no storage: counting its parameters is exact and costs no memory, and a forward
 pass there counts FLOPs without computing anything. `reference_configs()` lists the shipped
 configs in assets/configs/ (architecture fields only, no weights).
 
-Depends on torch and studio.profiling; transformers and diffusers are imported when a config is
+Depends on torch, studio.cost and studio.profiling; transformers and diffusers are imported when a config is
 analysed (to build the model on the meta device). Never imports a pipeline or the UI.
 """
 
@@ -30,78 +22,7 @@ from pathlib import Path
 
 import torch
 
-
-@dataclass(frozen=True)
-class DecoderShape:
-    """The numbers of a decoder-only transformer that decide its cost."""
-
-    matmul_params: int  # weights multiplied per token: every 2-D weight except embedding lookups
-    lm_head_params: int  # of those, the output projection to the vocabulary
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    dtype_bytes: int
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """K and V, for every layer and K/V head: what the cache grows by per token."""
-        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
-
-
-def decoder_shape(model: torch.nn.Module) -> DecoderShape:
-    """Read a loaded transformers decoder's shape from its modules and config."""
-    config = model.config.get_text_config()
-    # An embedding lookup reads one row per token, not the matrix; every other 2-D weight
-    # (nn.Linear, GPT-2's Conv1D, a tied lm_head) is a matmul over all of it.
-    matmul_params = 0
-    seen = set()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Embedding):
-            continue
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and id(weight) not in seen:
-            seen.add(id(weight))
-            matmul_params += weight.numel()
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    dtype = next(model.parameters()).dtype
-    return DecoderShape(
-        matmul_params=matmul_params,
-        lm_head_params=model.get_output_embeddings().weight.numel(),
-        layers=config.num_hidden_layers,
-        heads=heads,
-        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=head_dim,
-        vocab=config.vocab_size,
-        dtype_bytes=torch.finfo(dtype).bits // 8,
-    )
-
-
-def decoder_step_cost(shape: DecoderShape, batch: int, q_len: int, kv_len: int, logits_len: int = 1) -> tuple[int, int]:
-    """(FLOPs, bytes) of one forward over q_len new tokens per sequence with kv_len keys in view.
-
-    Causal attention lets query i see kv_len - q_len + i + 1 keys; we count exactly those.
-    Bytes: the weights once, the KV cache read (kv_len - q_len old tokens) and written (q_len new
-    ones), and the logits written; activations between layers are left out (they are small next
-    to the weights at the batch sizes this studio shows).
-    """
-    tokens = batch * q_len
-    # the lm_head only runs for the positions whose logits are kept (the last one when generating)
-    matmul = 2 * (shape.matmul_params - shape.lm_head_params) * tokens + 2 * shape.lm_head_params * batch * logits_len
-    visible = q_len * (kv_len - q_len) + q_len * (q_len + 1) // 2  # keys seen, summed over queries
-    attention = 4 * batch * shape.layers * shape.heads * shape.head_dim * visible
-    kv_read = batch * (kv_len - q_len) * shape.kv_bytes_per_token
-    kv_written = tokens * shape.kv_bytes_per_token
-    logits = batch * logits_len * shape.vocab * 4
-    bytes_moved = shape.matmul_params * shape.dtype_bytes + kv_read + kv_written + logits
-    return matmul + attention, bytes_moved
-
-
-# ---------------------------------------------------------------------------------------------
-# The inspector: a config -> parameters, memory, the work of each step, predicted time per device
-# ---------------------------------------------------------------------------------------------
+from studio.cost import decoder_shape, decoder_step_cost, tensor_bytes
 
 CONFIGS = Path(__file__).resolve().parent.parent / "assets" / "configs"
 TINY = "tiny"  # assets/configs/tiny/: toy shapes for smoke tests, not real architectures
@@ -583,17 +504,6 @@ def count_on_meta(fn, *args, **kwargs) -> tuple[object, int, list]:
     with torch.no_grad(), _AttentionShapes() as shapes:
         output, flops = count_flops(fn, *args, **kwargs)
     return output, flops, shapes.calls
-
-
-def tensor_bytes(value) -> int:
-    """Bytes of every tensor in a value (a tensor, or dicts/tuples/lists of them); meta tensors count too."""
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(tensor_bytes(v) for v in value.values())
-    if isinstance(value, (tuple, list)):
-        return sum(tensor_bytes(v) for v in value)
-    return 0
 
 
 def _params_bytes(module) -> int:
