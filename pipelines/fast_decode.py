@@ -39,7 +39,7 @@ Every choice the graph forces, and what it costs:
     recompile (tens of seconds) whenever a slider moves; in the graph its kernels cost microseconds.
 
 Depends on torch, transformers (the model it reads, its logits processors), the studio core and
-pipelines.sampling / text_generation (the settings and the events); never on Gradio.
+pipelines.sampling / generation (the settings and the events); never on Gradio.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ from studio import backends
 from studio.cost import decoder_step_cost
 from studio.profiling import StepTimer
 
+from .generation import SequenceState, all_finished
 from .sampling import SamplingSettings
-from .text_generation import TokenStep, _Sequence
 
 log = logging.getLogger(__name__)
 
@@ -558,63 +558,43 @@ class PendingStep:
 # The loop
 
 
-def fast_generate(pipeline, input_ids, attention_mask, settings, max_new_tokens, top_logprobs, stops, stop_event):
+def fast_generate(pipeline, input_ids, attention_mask, request):
     """The plain loop's events (prefill, then one per decode step) from the fast path."""
     decoder = decoder_for(pipeline)
     batch, length = input_ids.shape
-    max_len = cache_length(length + max_new_tokens, pipeline.context_length)
-    generator = torch.Generator(pipeline.device).manual_seed(settings.seed)
-    sequences = [_Sequence() for _ in range(batch)]
+    max_len = cache_length(length + request.max_new_tokens, pipeline.context_length)
+    generator = torch.Generator(pipeline.device).manual_seed(request.settings.seed)
+    sequences = [SequenceState(i, request, pipeline.tokenizer) for i in range(batch)]
     timer = StepTimer(pipeline.device)
-    with decoder.session(batch, max_len, StepSampler(settings, top_logprobs)) as session:
-        with timer.time() as timing, torch.no_grad(), backends.use(attention=pipeline.attention):
+    with decoder.session(batch, max_len, StepSampler(request.settings, request.top_logprobs)) as session:
+        with timer.time() as timing, torch.no_grad(), backends.use(attention=request.attention):
             out = session.prefill(input_ids, attention_mask, generator)
         pending = PendingStep(out)
-        for index in range(max_new_tokens):
+        for index in range(request.max_new_tokens):
             # queue token index + 1 before waiting for token index: the device decodes the next
             # token while the host turns this one into events (a token past an end is discarded)
-            if index + 1 < max_new_tokens:
+            if index + 1 < request.max_new_tokens:
                 with timer.time() as next_timing, torch.no_grad():
                     out = session.decode(generator)
                 following = PendingStep(out)
             q_len = length if index == 0 else 1
             flops, bytes_moved = decoder_step_cost(pipeline.shape, batch, q_len, length + index)
             shapes = _highway_shapes(decoder.model, batch, q_len)
-            yield from _step_events(
-                pipeline, "prefill" if index == 0 else "decode", index, timing, pending.result(), sequences,
-                stops, max_new_tokens, session.cache.nbytes, flops, bytes_moved, shapes,
-            )
-            if all(s.finish_reason for s in sequences) or (stop_event is not None and stop_event.is_set()):
+            step = pending.result()
+            for sequence in sequences:
+                if sequence.finished:
+                    continue
+                i = sequence.index
+                sequence.advance(step.next_token[i])
+                yield sequence.event(
+                    "prefill" if index == 0 else "decode", index, timing, logprob=step.logprob[i],
+                    top=(step.top_raw_ids[i], step.top_raw_probs[i]),
+                    top_processed=(step.top_processed_ids[i], step.top_processed_probs[i]),
+                    kv_cache_bytes=session.cache.nbytes, flops=flops, bytes=bytes_moved, shapes=shapes,
+                )
+            if all_finished(sequences, request):
                 return
             pending, timing = following, next_timing
-
-
-def _step_events(
-    pipeline, phase, index, timing, out, sequences, stops, max_new_tokens, kv_bytes, flops, bytes_moved, shapes
-):
-    """One TokenStep per unfinished sequence, from a step's outputs on the host."""
-    events = []
-    tokenizer = pipeline.tokenizer
-    for i, sequence in enumerate(sequences):
-        if sequence.finish_reason:
-            continue
-        token = out.next_token[i]
-        pipeline._advance(sequence, token, stops, max_new_tokens)
-        events.append(
-            TokenStep(
-                phase=phase, index=index, timing=timing, sequence=i, token_id=token, text=sequence.added,
-                logprob=out.logprob[i], top=_alternatives(out.top_raw_ids[i], out.top_raw_probs[i], tokenizer),
-                top_processed=_alternatives(out.top_processed_ids[i], out.top_processed_probs[i], tokenizer),
-                kv_cache_bytes=kv_bytes, finish_reason=sequence.finish_reason, flops=flops, bytes=bytes_moved,
-                shapes=shapes,
-            )
-        )
-    return events
-
-
-def _alternatives(ids: list[int], probs: list[float], tokenizer) -> list[tuple[str, int, float]]:
-    texts = tokenizer.batch_decode([[i] for i in ids]) if ids else []
-    return list(zip(texts, ids, probs))
 
 
 def _highway_shapes(model: FastLlama, batch: int, q_len: int) -> dict[str, tuple[int, ...]]:

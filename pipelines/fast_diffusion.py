@@ -65,7 +65,7 @@ def enable_fast_path(pipeline, compile: bool = False, mode: str = COMPILE_MODE) 
         fused = fuse_qkv(model)
         if fused:
             report.fused_attention[name] = report.fused_attention.get(name, 0) + fused
-    pipeline._sync_precision()
+    pipeline.sync_precision(pipeline.precision)
     if compile:
         for name, module in (("denoiser", pipeline.denoiser), ("vae decoder", pipeline.vae.decoder)):
             if name not in report.compiled:
@@ -85,17 +85,6 @@ def fuse_qkv(model: torch.nn.Module) -> int:
             module.fuse_projections()
             count += 1
     return count
-
-
-def unread_projections(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The separate projections that fused attention layers no longer call: their weights take
-    memory but are not read by a forward pass."""
-    unread = []
-    for module in model.modules():
-        if isinstance(module, Attention) and getattr(module, "fused_projections", False):
-            self_attention = getattr(module, "to_qkv", None) is not None
-            unread += [module.to_q, module.to_k, module.to_v] if self_attention else [module.to_k, module.to_v]
-    return unread
 
 
 def warm_up(pipeline, prompt: str = "", steps: int = 2, **kwargs) -> float:

@@ -31,56 +31,33 @@ import contextlib
 import difflib
 import inspect
 import math
-import numbers
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DiffusionPipeline,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-    UNet2DConditionModel,
-)
+from diffusers import DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.attention_processor import Attention
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from safetensors import SafetensorError
 
-from studio import backends
+from studio import assets, backends
 from studio.backends.attention import check_name as check_attention_name
-from studio.backends.precision import PrecisionLinear
 from studio.events import Step
-from studio.cost import tensor_bytes
 from studio.integrations import diffusers as studio_diffusers
 from studio.integrations import transformers as studio_transformers
 from studio.loading import LoadError, check_weights_format, resolve_device, resolve_dtype
-from studio.profiling import StepTimer, StepTiming, count_flops
+from studio.profiling import StepTimer, StepTiming
 
-from .fast_diffusion import enable_fast_path, unread_projections
+from .diffusion_cost import CostMeter, component_weight_bytes
+from .diffusion_request import SCHEDULERS, DiffusionRequest, check_scheduler_name
+from .fast_diffusion import enable_fast_path
 from .previews import LatentRGBFactors, fit_latent_rgb_factors, known_factors, latents_to_preview
 
-# Schedulers by name, each built from the loaded model's own scheduler config (its noise schedule).
-SCHEDULERS = {
-    "ddim": (DDIMScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler-ancestral": (EulerAncestralDiscreteScheduler, {}),
-    "dpm-solver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
-    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),  # as Stable Diffusion 1.x ships it
-}
-CFG_MODES = ("batched", "sequential")
-PREVIEWS = ("linear", None)
 COMPONENTS = ("text_encoder", "denoiser", "vae")  # the models whose share of each step is reported
-
-MAX_SIDE = 4096  # pixels per side; far past what any supported model was trained for
-SEED_LIMIT = 2**64  # torch generators take seeds in [0, 2**64)
 # PixArt-alpha's max_sequence_length: T5 tokenizers declare no useful model_max_length of their own
 TRANSFORMER_PROMPT_TOKENS = 120
 
@@ -117,12 +94,6 @@ class DenoiseStep(Step):
         shares = {name: self.parts[name].ms / total if name in self.parts else 0.0 for name in COMPONENTS}
         shares["other"] = max(0.0, 1.0 - sum(shares.values()))
         return shares
-
-
-class DenoiserCall(NamedTuple):
-    flops: int
-    bytes: int
-    input_shape: tuple[int, ...]  # the latent batch: 2 rows for batched guidance
 
 
 @dataclass
@@ -211,9 +182,8 @@ class LatentDiffusionPipeline:
             studio_diffusers.use_studio_attention(self.vae)
         if self.text_encoder is not None:
             studio_transformers.use_studio_attention(self.text_encoder)
-        self._flops: dict[tuple, int] = {}  # FLOPs of one call, by component, attention kernel and input shapes
-        self.weight_bytes: dict[str, int] = {}
-        self._sync_precision()
+        self.flops_cache: dict[tuple, int] = {}  # FLOPs of one call, by component, attention kernel and input shapes
+        self.sync_precision(precision)
         self.fast_path_report = None
         if fast_path or (fast_path is None and self.device.type == "cuda"):
             enable_fast_path(self)
@@ -233,8 +203,6 @@ class LatentDiffusionPipeline:
         """Load a diffusers pipeline folder or hub id (a shipped name resolves to its folder) and
         keep its components; the stock pipeline object is dropped. safetensors only unless
         allow_pickle=True; remote code is never run. fp16 on a GPU, fp32 on the CPU by default."""
-        from studio import assets
-
         if attention is not None:
             check_attention_name(attention)  # fail before the slow part
         check_scheduler_name(scheduler)
@@ -245,7 +213,7 @@ class LatentDiffusionPipeline:
         try:
             config = DiffusionPipeline.load_config(path)
         except (OSError, ValueError) as error:
-            raise load_error(name_or_path, error, assets) from error
+            raise load_error(name_or_path, error) from error
         unused = unused_components(config)
         # each component has its own folder and its own weights: one of them holding only pickles is
         # refused even when another (the text encoder, say) holds safetensors
@@ -257,7 +225,7 @@ class LatentDiffusionPipeline:
                 path, dtype=dtype, use_safetensors=None if allow_pickle else True, trust_remote_code=False, **unused
             )
         except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # SafetensorError: a damaged file
-            raise load_error(name_or_path, error, assets) from error
+            raise load_error(name_or_path, error) from error
         stock.to(device, dtype)  # a no-op where `dtype=` was understood; older diffusers releases call it torch_dtype
         parts = stock.components
         pipeline = cls(
@@ -296,7 +264,7 @@ class LatentDiffusionPipeline:
         vae_preview_every: int = 0,
         stop_event: threading.Event | None = None,
     ):
-        """Yield a DenoiseStep for every step: encode, each denoising step, decode.
+        """An iterator of DenoiseSteps, one for every step: encode, each denoising step, decode.
 
         guidance_scale 1.0 skips the unconditional pass (the guidance formula reduces to the
         conditional prediction); any other value >= 0 applies it, so 0 gives the unconditional
@@ -304,94 +272,116 @@ class LatentDiffusionPipeline:
         image= turns on img2img: `strength` of the schedule is run, starting from the image.
         preview "linear" shows each step's x0 prediction through a latent -> RGB map;
         vae_preview_every=N decodes it with the VAE instead every N-th step. Neither changes the
-        result. Stop between steps by closing the generator, or by setting stop_event: the VAE then
+        result. Stop between steps by closing the iterator, or by setting stop_event: the VAE then
         decodes the last x0 prediction.
+
+        The inputs are checked, and the backends chosen (a `backends.use()` scope around this
+        call, else the pipeline's defaults), when stream() is called; they hold for the whole run.
         """
-        # 1. Check the inputs: every bad value is refused here, before any work or state changes
-        height, width = self.check_inputs(
-            prompt, negative_prompt, steps, guidance_scale, seed, height, width, scheduler, cfg_mode, image,
-            strength, preview, vae_preview_every,
+        choice = backends.resolve(self.attention, self.precision)
+        request = DiffusionRequest.checked(
+            self, prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed,
+            height=height, width=width, scheduler=scheduler, cfg_mode=cfg_mode, image=image, strength=strength,
+            preview=preview, vae_preview_every=vae_preview_every, stop_event=stop_event,
+            attention=choice.attention, precision=choice.precision,
         )
-        use_guidance = guidance_scale != 1.0
+        return self._run(request)
+
+    def _run(self, request: DiffusionRequest):
+        """The highway, numbered as diffusers' pipelines number it (1., checking, was stream()'s)."""
         # On the CPU whatever the device, as diffusers does for a CPU generator: a seed gives the
         # same starting noise on every machine.
-        generator = torch.Generator("cpu").manual_seed(seed)
-        timer = StepTimer(self.device)
-        with self._stage():
-            self._sync_precision()
-            if preview == "linear" and self.preview_factors is None:
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        with self._stage(request):
+            self.sync_precision(request.precision)
+            if request.preview == "linear" and self.preview_factors is None:
                 self.preview_factors = fit_latent_rgb_factors(self.vae)
 
+        timer, meter = StepTimer(self.device), CostMeter(self.flops_cache, self.weight_bytes)
+
         # 2. Encode the prompt and the negative (or empty) prompt, once
-        with self._stage():
-            conditioning, negative, event = self.encode_prompt(
-                prompt, negative_prompt, use_guidance, height, width, timer
-            )
+        with self._stage(request):
+            conditioning, negative, event = self.encode_prompt(request, timer, meter)
         yield event
 
         # 3. Prepare the timesteps: a fresh scheduler per run, so runs never share its state
-        schedule = self.make_scheduler(scheduler)
-        schedule.set_timesteps(steps, device=self.device)
+        schedule = self.make_scheduler(request.scheduler)
+        schedule.set_timesteps(request.steps, device=self.device)
         timesteps = schedule.timesteps
+        step_options = {"generator": generator} if "generator" in inspect.signature(schedule.step).parameters else {}
 
-        # 4. Prepare the latents
-        shape = (1, self.denoiser.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if image is None:
-            noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
-            latents = noise * schedule.init_noise_sigma
+        # 4. Prepare the latents: seeded noise or, img2img, the image's latents noised to where the
+        # remaining steps begin (the noisiest 1 - strength of the schedule is skipped)
+        shape = (1, self.denoiser.config.in_channels, request.height // self.vae_scale_factor,
+                 request.width // self.vae_scale_factor)
+        if request.image is None:
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+            latents = latents * schedule.init_noise_sigma
         else:
-            # img2img: skip the noisiest (1 - strength) of the schedule and start from the image's
-            # latents, noised to the level where the remaining steps begin
-            timesteps = img2img_timesteps(schedule, steps, strength)
-            with self._stage():
-                image_latents, event = self.encode_image(image, height, width, generator, timer)
+            timesteps = img2img_timesteps(schedule, request.steps, request.strength)
+            with self._stage(request):
+                image_latents, event = self.encode_image(request, generator, timer, meter)
             yield event
             noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
             latents = schedule.add_noise(image_latents, noise, timesteps[:1])
 
         # 5. Denoise, one step per timestep (their values read to the host once, not every step)
+        both = concat_conditions(negative, conditioning) if negative is not None else None
         x0, forward_passes, taken = None, 0, 0
         for index, (t, timestep) in enumerate(zip(timesteps, timesteps.tolist())):
-            if stop_event is not None and stop_event.is_set():
+            if request.cancelled:
                 break
-            full_decode = vae_preview_every > 0 and (index + 1) % vae_preview_every == 0
-            with self._stage():
-                latents, x0, event = self.denoise_step(
-                    schedule, latents, t, conditioning, negative, guidance_scale, cfg_mode, generator, timer,
-                    preview="vae" if full_decode else preview,
-                )
-            forward_passes, taken = forward_passes + event.passes, taken + 1
-            event.index, event.total, event.warmup = index, len(timesteps), index == 0
-            event.timestep, event.sigma = timestep, noise_level(schedule, timestep)
-            event.forward_passes = forward_passes
-            yield event
+            parts = {}
+            with self._stage(request), timer.time() as timing:
+                latent_input = schedule.scale_model_input(latents, t)
+                with timer.time() as parts["denoiser"]:
+                    if negative is None:
+                        noise_pred = self.denoise(latent_input, t, conditioning, meter)
+                    else:  # classifier-free guidance: the unconditional and the conditional pass
+                        if request.cfg_mode == "batched":
+                            uncond, cond = self.denoise(torch.cat([latent_input] * 2), t, both, meter).chunk(2)
+                        else:
+                            uncond = self.denoise(latent_input, t, negative, meter)
+                            cond = self.denoise(latent_input, t, conditioning, meter)
+                        noise_pred = uncond + request.guidance_scale * (cond - uncond)
+                output = schedule.step(noise_pred, t, latents, **step_options)
+                x0 = getattr(output, "pred_original_sample", None)
+                x0 = predicted_x0(schedule, noise_pred, latents, t) if x0 is None else x0
+                latents = output.prev_sample
+                preview = self.preview(x0, request.preview_at(index), timer, parts, meter)
+            cost, passes = meter.take(), 1 if negative is None else 2
+            forward_passes, taken = forward_passes + passes, taken + 1
+            yield DenoiseStep(
+                phase="denoise", index=index, timing=timing, total=len(timesteps), timestep=timestep,
+                sigma=noise_level(schedule, timestep), passes=passes, forward_passes=forward_passes,
+                denoiser_calls=cost.calls["denoiser"], warmup=index == 0, flops=cost.flops, bytes=cost.bytes,
+                parts=parts, preview=preview, preview_kind=request.preview_at(index) if preview else None,
+                shapes=self.step_shapes(latents, cost.shapes["denoiser"], conditioning, noise_pred),
+            )
 
         # 6. Decode: the final latents or, stopped early, the last x0 prediction
         stopped = taken < len(timesteps)
-        with self._stage():
-            event = self.decode(x0 if stopped and x0 is not None else latents, timer)
-        event.total, event.forward_passes = len(timesteps), forward_passes
-        yield event
+        with self._stage(request):
+            yield self.decode(x0 if stopped and x0 is not None else latents, timer, meter, len(timesteps), forward_passes)
 
     # -----------------------------------------------------------------------------------------
     # The stages
 
-    def encode_prompt(self, prompt, negative_prompt, use_guidance, height, width, timer):
+    def encode_prompt(self, request, timer, meter):
         """The denoiser's conditioning for the prompt and, with guidance, for the negative prompt
         (empty: unconditional), as keyword arguments of the denoiser; None for the negative
         without guidance. Both texts go through the text encoder once, as one batch."""
-        negative_text = negative_prompt or ""
+        negative_text = request.negative_prompt or ""
         if self.conditioning == "class":
             with timer.time() as timing:
-                labels = ([self.class_id(negative_text)] if use_guidance else []) + [self.class_id(prompt)]
+                labels = ([self.class_id(negative_text)] if request.guided else []) + [self.class_id(request.prompt)]
                 class_labels = torch.tensor(labels, device=self.device)
             conditioning = {"class_labels": class_labels[-1:]}
-            negative = {"class_labels": class_labels[:1]} if use_guidance else None
+            negative = {"class_labels": class_labels[:1]} if request.guided else None
             shapes = {"class_labels": tuple(class_labels.shape)}
-            event = DenoiseStep(phase="encode", index=0, timing=timing, shapes=shapes)
-            return conditioning, negative, event
+            return conditioning, negative, DenoiseStep(phase="encode", index=0, timing=timing, shapes=shapes)
 
-        texts = ([negative_text] if use_guidance else []) + [prompt]
+        texts = ([negative_text] if request.guided else []) + [request.prompt]
         with timer.time() as timing:
             tokens = self.tokenizer(
                 texts, padding="max_length", max_length=self.max_prompt_tokens, truncation=True, return_tensors="pt"
@@ -401,20 +391,22 @@ class LatentDiffusionPipeline:
             # PixArt use the mask, in the encoder and again in the denoiser's cross-attention
             encoder_mask = None if self.is_unet else mask
             with timer.time() as encoder_timing:
-                embeddings, flops, nbytes = self.run_counted(
+                embeddings = meter.run(
                     "text_encoder", lambda ids, **kw: self.text_encoder(ids, **kw)[0], token_ids,
                     attention_mask=encoder_mask,
                 )
             embeddings = embeddings.to(self.dtype)
         conditioning = {"encoder_hidden_states": embeddings[-1:]}
-        negative = {"encoder_hidden_states": embeddings[:1]} if use_guidance else None
+        negative = {"encoder_hidden_states": embeddings[:1]} if request.guided else None
         if not self.is_unet:
-            size = self.size_conditioning(height, width)
+            size = self.size_conditioning(request.height, request.width)
             conditioning |= {"encoder_attention_mask": mask[-1:], "added_cond_kwargs": size}
-            if use_guidance:
+            if request.guided:
                 negative |= {"encoder_attention_mask": mask[:1], "added_cond_kwargs": size}
+        cost = meter.take()
         event = DenoiseStep(
-            phase="encode", index=0, timing=timing, flops=flops, bytes=nbytes, parts={"text_encoder": encoder_timing},
+            phase="encode", index=0, timing=timing, flops=cost.flops, bytes=cost.bytes,
+            parts={"text_encoder": encoder_timing},
             shapes={"token_ids": tuple(token_ids.shape), "text_embeddings": tuple(embeddings.shape)},
         )
         return conditioning, negative, event
@@ -429,100 +421,64 @@ class LatentDiffusionPipeline:
             "aspect_ratio": torch.tensor([[height / width]], dtype=self.dtype, device=self.device),
         }
 
-    def encode_image(self, image, height, width, generator, timer):
+    def encode_image(self, request, generator, timer, meter):
         """img2img: the image, resized and scaled to [-1, 1], encoded by the VAE into latents
         (sampled from the encoder's distribution, as diffusers' img2img pipelines do)."""
         with timer.time() as timing:
-            pixels = self.image_processor.preprocess(image, height=height, width=width)
+            pixels = self.image_processor.preprocess(request.image, height=request.height, width=request.width)
             pixels = pixels.to(self.device, self.dtype)
             with timer.time() as vae_timing:
-                distribution, flops, nbytes = self.run_counted(
-                    "vae_encoder", lambda x: self.vae.encode(x).latent_dist, pixels
-                )
+                distribution = meter.run("vae_encoder", lambda x: self.vae.encode(x).latent_dist, pixels)
             latents = distribution.sample(generator) * self.vae.config.scaling_factor
+        cost = meter.take()
         event = DenoiseStep(
-            phase="encode", index=1, timing=timing, flops=flops, bytes=nbytes, parts={"vae": vae_timing},
+            phase="encode", index=1, timing=timing, flops=cost.flops, bytes=cost.bytes, parts={"vae": vae_timing},
             shapes={"input_image": tuple(pixels.shape), "image_latents": tuple(latents.shape)},
         )
         return latents, event
 
-    def denoise_step(
-        self, schedule, latents, t, conditioning, negative, guidance_scale, cfg_mode, generator, timer, preview
-    ):
-        """One step: the denoiser's guided prediction at timestep t, the scheduler's move to the
-        next, less noisy latents, and a preview of the x0 prediction ("linear", "vae" or None).
-        Returns the new latents, the x0 prediction and the step's event."""
-        with timer.time() as timing:
-            latent_input = schedule.scale_model_input(latents, t)
-            with timer.time() as denoiser_timing:
-                prediction, calls = self.predict_noise(
-                    latent_input, t, conditioning, negative, guidance_scale, cfg_mode
-                )
-            extra = {"generator": generator} if "generator" in inspect.signature(schedule.step).parameters else {}
-            output = schedule.step(prediction, t, latents, **extra)
-            x0 = getattr(output, "pred_original_sample", None)
-            if x0 is None:
-                x0 = predicted_x0(schedule, prediction, latents, t)
-            parts = {"denoiser": denoiser_timing}
-            flops, nbytes = sum(call.flops for call in calls), sum(call.bytes for call in calls)
-            image = None
-            if preview == "vae":
-                with timer.time() as parts["vae"]:
-                    decoded, vae_flops, vae_bytes = self.run_counted("vae_decoder", self.decode_latents, x0)
-                image = self.image_processor.postprocess(decoded, output_type="pil")[0]
-                flops, nbytes = flops + vae_flops, nbytes + vae_bytes
-            elif preview == "linear":
-                image = latents_to_preview(x0, self.preview_factors)  # one small copy to the host
-        batch = calls[0].input_shape[0]
-        shapes = {"latents": tuple(latents.shape), "denoiser_input": calls[0].input_shape}
-        for name, stage in (("encoder_hidden_states", "text_embeddings"), ("class_labels", "class_labels")):
-            if name in conditioning:
-                shapes[stage] = (batch, *conditioning[name].shape[1:])
-        shapes["noise_pred"] = tuple(prediction.shape)
-        event = DenoiseStep(
-            phase="denoise", index=0, timing=timing, passes=1 if negative is None else 2, denoiser_calls=len(calls),
-            flops=flops, bytes=nbytes, parts=parts,
-            preview=image, preview_kind=preview if image is not None else None, shapes=shapes,
-        )
-        return output.prev_sample, x0, event
-
-    def predict_noise(self, latent_input, t, conditioning, negative, guidance_scale, cfg_mode):
-        """The denoiser's prediction with classifier-free guidance:
-        uncond + guidance_scale * (cond - uncond). Returns it and the DenoiserCalls made."""
-        if negative is None:
-            prediction, call = self.run_denoiser(latent_input, t, conditioning)
-            return prediction, [call]
-        if cfg_mode == "batched":
-            both, call = self.run_denoiser(torch.cat([latent_input] * 2), t, concat_conditions(negative, conditioning))
-            uncond, cond = both.chunk(2)
-            calls = [call]
-        else:
-            uncond, uncond_call = self.run_denoiser(latent_input, t, negative)
-            cond, cond_call = self.run_denoiser(latent_input, t, conditioning)
-            calls = [uncond_call, cond_call]
-        return uncond + guidance_scale * (cond - uncond), calls
-
-    def run_denoiser(self, latent_input, t, conditioning):
-        """One denoiser call on a batch of latents; returns the prediction and the call's DenoiserCall."""
+    def denoise(self, latent_input, t, conditioning, meter):
+        """One denoiser call on a batch of latents: its noise prediction."""
         timestep = t.expand(latent_input.shape[0])
-        prediction, flops, nbytes = self.run_counted(
+        prediction = meter.run(
             "denoiser", lambda x, **kw: self.denoiser(x, **kw, return_dict=False)[0], latent_input, timestep=timestep,
             **conditioning,
         )
         # DiT and PixArt also predict the noise variance, in the second half of their channels; these
         # schedulers use a fixed variance, so it is dropped, as diffusers' pipelines do
         channels = latent_input.shape[1]
-        if prediction.shape[1] == 2 * channels:
-            prediction = prediction[:, :channels]
-        return prediction, DenoiserCall(flops, nbytes, tuple(latent_input.shape))
+        return prediction[:, :channels] if prediction.shape[1] == 2 * channels else prediction
 
-    def decode(self, latents, timer):
+    def preview(self, x0, kind, timer, parts, meter) -> Image.Image | None:
+        """The x0 prediction as a picture: "linear" (a latent -> RGB map, latent resolution), "vae"
+        (a full decode, timed as a part of the step) or None."""
+        if kind == "vae":
+            with timer.time() as parts["vae"]:
+                decoded = meter.run("vae_decoder", self.decode_latents, x0)
+            return self.image_processor.postprocess(decoded, output_type="pil")[0]
+        if kind == "linear":
+            return latents_to_preview(x0, self.preview_factors)  # one small copy to the host
+        return None
+
+    def step_shapes(self, latents, denoiser_input, conditioning, noise_pred) -> dict[str, tuple[int, ...]]:
+        """The shapes along the highway in a denoising step."""
+        shapes = {"latents": tuple(latents.shape), "denoiser_input": denoiser_input}
+        for name, stage in (("encoder_hidden_states", "text_embeddings"), ("class_labels", "class_labels")):
+            if name in conditioning:
+                shapes[stage] = (denoiser_input[0], *conditioning[name].shape[1:])
+        shapes["noise_pred"] = tuple(noise_pred.shape)
+        return shapes
+
+    def decode(self, latents, timer, meter, total: int, forward_passes: int):
+        """6. The VAE turns latents into the image."""
         with timer.time() as timing:
             with timer.time() as vae_timing:
-                decoded, flops, nbytes = self.run_counted("vae_decoder", self.decode_latents, latents)
+                decoded = meter.run("vae_decoder", self.decode_latents, latents)
             pixels = self.image_processor.postprocess(decoded, output_type="np")
+        cost = meter.take()
         return DenoiseStep(
-            phase="decode", index=0, timing=timing, flops=flops, bytes=nbytes, parts={"vae": vae_timing},
+            phase="decode", index=0, timing=timing, total=total, forward_passes=forward_passes, flops=cost.flops,
+            bytes=cost.bytes, parts={"vae": vae_timing},
             shapes={"latents": tuple(latents.shape), "image": tuple(decoded.shape)},
             image=self.image_processor.numpy_to_pil(pixels)[0], pixels=pixels[0],
         )
@@ -532,53 +488,20 @@ class LatentDiffusionPipeline:
         return self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
 
     # -----------------------------------------------------------------------------------------
-    # Measuring a call
-
-    def run_counted(self, component, fn, *args, **kwargs):
-        """fn(*args, **kwargs) with its cost: (output, FLOPs, bytes).
-
-        FLOPs are counted by torch's FlopCounterMode the first time a component meets a set of
-        input shapes (and attention kernel), then reused: counting costs time, and the count
-        depends on nothing else. Bytes are an estimate of the traffic to device memory: the
-        component's weights, read once per call, plus the tensors in and out. Activations that
-        spill out of the caches are not counted, so it is a lower bound; it is the weight bytes
-        that make a batch of two cheaper than two calls.
-        """
-        key = (component, backends.current().attention, tensor_shapes((args, kwargs)))
-        if key in self._flops:
-            output = fn(*args, **kwargs)
-        else:
-            output, self._flops[key] = count_flops(fn, *args, **kwargs)
-        nbytes = self.weight_bytes[component] + tensor_bytes((args, kwargs)) + tensor_bytes(output)
-        return output, self._flops[key], nbytes
-
-    # -----------------------------------------------------------------------------------------
-    # Set-up and input handling
+    # Set-up
 
     @contextlib.contextmanager
-    def _stage(self):
-        """Where every model call runs: no autograd, this pipeline's attention kernel. Entered per
+    def _stage(self, request):
+        """Where every model call runs: no autograd, the request's attention kernel. Entered per
         stage and never held across a yield, so between events the caller's own choice holds."""
-        with torch.no_grad(), backends.use(attention=self.attention):
+        with torch.no_grad(), backends.use(attention=request.attention):
             yield
 
-    def _sync_precision(self):
-        """Apply the precision chosen for this call (backends.use() scope, else the pipeline's) to
-        the linear layers of the denoiser and the text encoder, where the FLOPs are; the VAE is
-        mostly convolutions and keeps its dtype."""
-        wanted = backends.current().precision or self.precision
-        for model in (self.denoiser, self.text_encoder):
-            if model is not None and wanted != backends.precision_of(model):
-                if wanted is None:
-                    backends.restore_precision(model)
-                else:
-                    backends.apply_precision(model, wanted)
-        self.weight_bytes = {
-            "text_encoder": weight_bytes(self.text_encoder),
-            "denoiser": weight_bytes(self.denoiser),
-            "vae_encoder": weight_bytes(self.vae.encoder, getattr(self.vae, "quant_conv", None)),
-            "vae_decoder": weight_bytes(self.vae.decoder, getattr(self.vae, "post_quant_conv", None)),
-        }
+    def sync_precision(self, precision: str | None):
+        """Bring the linear layers of the denoiser and the text encoder, where the FLOPs are, to
+        `precision` (None: their own dtype); the VAE is mostly convolutions and keeps its dtype."""
+        backends.sync_precision([self.denoiser, self.text_encoder], precision)
+        self.weight_bytes = component_weight_bytes(self.text_encoder, self.denoiser, self.vae)
 
     def make_scheduler(self, name: str | None):
         """A fresh scheduler: `name` from SCHEDULERS, or None for the pipeline's own, built on the
@@ -587,11 +510,6 @@ class LatentDiffusionPipeline:
             return type(self.scheduler).from_config(self.scheduler.config)
         scheduler_class, options = SCHEDULERS[name]
         return scheduler_class.from_config(self.scheduler.config, **options)
-
-    @property
-    def class_names(self) -> list[str]:
-        """The class names a class-conditioned model takes as prompts (empty for text models)."""
-        return sorted(self.class_ids)
 
     def class_id(self, name: str) -> int:
         """A class name (any case) or number -> the class id; "" -> the null class of guidance."""
@@ -610,70 +528,9 @@ class LatentDiffusionPipeline:
             f"{null_class}, or an empty prompt for an unconditional image{hint}"
         )
 
-    def check_inputs(
-        self, prompt, negative_prompt, steps, guidance_scale, seed, height, width, scheduler, cfg_mode, image, strength,
-        preview, vae_preview_every,
-    ) -> tuple[int, int]:
-        """Refuse bad input with a message saying what to give instead; returns (height, width)."""
-        if not isinstance(prompt, str):
-            raise ValueError(
-                f"the prompt must be a string (empty for an unconditional image); got {type(prompt).__name__}"
-            )
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise ValueError(f"the negative prompt must be a string or None; got {type(negative_prompt).__name__}")
-        if self.conditioning == "class":
-            self.class_id(prompt)
-            self.class_id(negative_prompt or "")
-        limit = self.scheduler.config.num_train_timesteps
-        if not is_integer(steps) or not 1 <= steps <= limit:
-            raise ValueError(
-                f"steps must be an integer from 1 to {limit} (the model's training timesteps); got {steps!r}"
-            )
-        if not is_real(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(
-                f"guidance_scale must be a finite number >= 0 (1.0 turns guidance off); got {guidance_scale!r}"
-            )
-        if not is_integer(seed) or not 0 <= seed < SEED_LIMIT:
-            raise ValueError(f"seed must be an integer from 0 to 2**64 - 1; got {seed!r}")
-        check_scheduler_name(scheduler)
-        if cfg_mode not in CFG_MODES:
-            raise ValueError(f"unknown cfg_mode {cfg_mode!r}; use one of {', '.join(CFG_MODES)}")
-        if preview not in PREVIEWS:
-            raise ValueError(f"unknown preview {preview!r}; use 'linear' or None")
-        if not is_integer(vae_preview_every) or vae_preview_every < 0:
-            raise ValueError(f"vae_preview_every must be an integer >= 0 (0: never); got {vae_preview_every!r}")
-        if image is not None:
-            if not isinstance(image, Image.Image):
-                raise ValueError(f"image must be a PIL image; got {type(image).__name__}")
-            if not is_real(strength) or not 0 < strength <= 1:
-                raise ValueError(f"strength must be a number in (0, 1]; got {strength!r}")
-            if int(steps * strength) < 1:
-                raise ValueError(
-                    f"steps x strength = {steps} x {strength} leaves no denoising step; raise steps or strength"
-                )
-            # an input image sets the size, rounded down to whole latents
-            if height is None and width is None:
-                multiple = self.size_multiple
-                height, width = image.height // multiple * multiple, image.width // multiple * multiple
-        height = self.default_size[0] if height is None else height
-        width = self.default_size[1] if width is None else width
-        for name, value in (("height", height), ("width", width)):
-            if not is_integer(value) or not 0 < value <= MAX_SIDE or value % self.size_multiple:
-                raise ValueError(
-                    f"{name} must be a multiple of {self.size_multiple} (the VAE's factor {self.vae_scale_factor}"
-                    f"{' times the patch size' if self.size_multiple != self.vae_scale_factor else ''}) "
-                    f"from {self.size_multiple} to {MAX_SIDE}; got {value!r}"
-                )
-        return height, width
-
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-def check_scheduler_name(name: str | None) -> None:
-    if name is not None and name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)}")
 
 
 def unused_components(config: dict) -> dict:
@@ -691,7 +548,7 @@ def unused_components(config: dict) -> dict:
     return unused
 
 
-def load_error(name_or_path, error, assets) -> LoadError:
+def load_error(name_or_path, error) -> LoadError:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return LoadError(
         f"could not load the diffusion model {name_or_path!r}: {first}. Use a shipped name "
@@ -747,36 +604,3 @@ def noise_level(schedule, t: float) -> float:
     high = min(low + 1, len(sigmas) - 1)
     weight = t - low
     return float(sigmas[low] * (1 - weight) + sigmas[high] * weight)
-
-
-def weight_bytes(*modules: torch.nn.Module | None) -> int:
-    """Bytes of weights one forward pass through `modules` (None: absent) reads: every parameter
-    once; a layer converted by backends.apply_precision reads its converted weights, not the
-    original kept for restoring; projections replaced by fused ones (the fast path) are not read."""
-    total = 0
-    for module in (m for m in modules if m is not None):
-        unread = unread_projections(module)
-        converted = [m for m in module.modules() if isinstance(m, PrecisionLinear) and m not in unread]
-        kept = {id(m.original.weight) for m in converted} | {id(p) for m in unread for p in m.parameters()}
-        total += sum(p.nbytes for p in module.parameters() if id(p) not in kept)
-        total += sum(m.weight_bytes() for m in converted)
-    return total
-
-
-def tensor_shapes(value):
-    """A hashable summary (shape and dtype of every tensor) of nested arguments."""
-    if isinstance(value, torch.Tensor):
-        return (tuple(value.shape), value.dtype)
-    if isinstance(value, dict):
-        return tuple((name, tensor_shapes(v)) for name, v in value.items())
-    if isinstance(value, (tuple, list)):
-        return tuple(tensor_shapes(v) for v in value)
-    return None
-
-
-def is_integer(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -78,11 +78,11 @@ def choose_token(scores: torch.Tensor, settings: SamplingSettings, generator: to
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
-def top_alternatives(probs: torch.Tensor, n: int, tokenizer) -> list[tuple[str, int, float]]:
-    """The n most likely tokens of one [vocab] distribution as (text, id, probability)."""
-    if n <= 0:
-        return []
-    values, ids = probs.topk(min(n, probs.shape[-1]))
-    ids = ids.tolist()
-    texts = tokenizer.batch_decode([[i] for i in ids])
-    return list(zip(texts, ids, values.tolist()))
+def top_tokens(logits: torch.Tensor, scores: torch.Tensor, token: int, n: int):
+    """For one step's raw logits and processed scores [vocab]: the chosen token's log-probability
+    under the raw distribution, and (ids, probs) of the n most likely tokens of each distribution."""
+    log_probs = torch.log_softmax(logits, dim=-1)
+    raw = log_probs.exp().topk(min(n, logits.shape[-1]))
+    processed = torch.softmax(scores, dim=-1).topk(min(n, scores.shape[-1]))
+    return (float(log_probs[token]), (raw.indices.tolist(), raw.values.tolist()),
+            (processed.indices.tolist(), processed.values.tolist()))

@@ -18,7 +18,7 @@ Three drafts:
     self           the target's own first layers with its final norm and head: a shallow copy
                    sharing the weights, no extra memory
 
-Depends on torch, transformers and the studio core.
+Depends on torch, transformers, the studio core and pipelines.generation / sampling.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from studio import backends
 from studio.cost import decoder_step_cost
 from studio.profiling import StepTimer
 
-from .sampling import choose_token
-from .text_generation import _Sequence
+from .generation import SequenceState, kv_cache_bytes
+from .sampling import choose_token, top_tokens
 
 
 class PromptLookupDraft:
@@ -130,39 +130,41 @@ def _modules_along(root, path):
         yield module
 
 
-def speculative_stream(pipeline, input_ids, settings, max_new_tokens, top_logprobs, stops, mode, draft, k, stop_event):
+def speculative_generate(pipeline, input_ids, attention_mask, request, *, mode, draft, k):
     """Prefill as usual, then draft-and-verify rounds; yields TokenSteps like the plain loop."""
-    device = pipeline.device
+    device, settings = pipeline.device, request.settings
     processors = settings.processors()
     generator = torch.Generator(device).manual_seed(settings.seed)
-    drafter = _make_drafter(pipeline, mode, draft)
+    drafter = _make_drafter(pipeline, mode, draft, request.attention)
     kv_cache = DynamicCache(config=pipeline.model.config)
     timer = StepTimer(device)
-    sequence = _Sequence()
+    sequence = SequenceState(0, request, pipeline.tokenizer)
     ids = input_ids[0].tolist()
     try:
         # prefill: the target reads the prompt and picks the first token itself
         with timer.time() as timing:
-            logits, shapes = pipeline.prefill(input_ids, torch.ones_like(input_ids), kv_cache)
+            logits, shapes = pipeline.prefill(input_ids, attention_mask, kv_cache, request)
             scores = processors(input_ids, logits)
             token = int(choose_token(scores, settings, generator))
         flops, bytes_moved = decoder_step_cost(pipeline.shape, 1, len(ids), len(ids))
-        pipeline._advance(sequence, token, stops, max_new_tokens)
-        yield pipeline.token_event(
-            "prefill", 0, timing, token, logits[0], scores[0], sequence, top_logprobs, kv_cache,
-            flops=flops, bytes=bytes_moved, shapes=shapes,
+        sequence.advance(token)
+        logprob, top, top_processed = top_tokens(logits[0], scores[0], token, request.top_logprobs)
+        yield sequence.event(
+            "prefill", 0, timing, logprob=logprob, top=top, top_processed=top_processed,
+            kv_cache_bytes=kv_cache_bytes(kv_cache), flops=flops, bytes=bytes_moved, shapes=shapes,
         )
         ids.append(token)
         index = 1
-        while not sequence.finish_reason and not (stop_event is not None and stop_event.is_set()):
+        while not sequence.finished and not request.cancelled:
             # the target's cache holds every token but the last; the draft guesses what follows it
             with timer.time() as timing:
-                budget = min(k, max_new_tokens - len(sequence.generated) - 1)
+                budget = min(k, request.max_new_tokens - len(sequence.generated) - 1)
                 drafted, q_probs = drafter.propose(ids, budget, processors, settings, generator) if budget else ([], None)
                 context = torch.tensor([ids + drafted], device=device)
                 # one target forward over the last token and every draft: k + 1 predictions at once
                 logits, shapes = pipeline.forward(
-                    context[:, len(ids) - 1 :], torch.ones_like(context), kv_cache, logits_to_keep=len(drafted) + 1
+                    context[:, len(ids) - 1 :], torch.ones_like(context), kv_cache, request,
+                    logits_to_keep=len(drafted) + 1,
                 )
                 logits = logits[0]
                 # position j's scores see the sequence up to draft j, as the plain loop's would
@@ -177,18 +179,20 @@ def speculative_stream(pipeline, input_ids, settings, max_new_tokens, top_logpro
             flops, bytes_moved = decoder_step_cost(pipeline.shape, 1, len(drafted) + 1, len(ids) + len(drafted))
             emitted = drafted[:accepted] + [correction]
             for j, token in enumerate(emitted):
-                pipeline._advance(sequence, token, stops, max_new_tokens)
-                first, last = j == 0, j == len(emitted) - 1 or sequence.finish_reason
+                sequence.advance(token)
+                first, last = j == 0, j == len(emitted) - 1 or sequence.finished
+                logprob, top, top_processed = top_tokens(logits[j], scores[j], token, request.top_logprobs)
                 # the round is timed and counted once, on its first token
-                yield pipeline.token_event(
-                    "decode", index, timing if first else None, token, logits[j], scores[j], sequence, top_logprobs,
-                    kv_cache, flops=flops if first else None, bytes=bytes_moved if first else None,
-                    shapes=shapes if first else {}, drafted=drafted if first else None, from_draft=j < accepted,
+                yield sequence.event(
+                    "decode", index, timing if first else None, logprob=logprob, top=top, top_processed=top_processed,
+                    kv_cache_bytes=kv_cache_bytes(kv_cache), flops=flops if first else None,
+                    bytes=bytes_moved if first else None, shapes=shapes if first else {},
+                    drafted=drafted if first else None, from_draft=j < accepted,
                     rejected=drafted[accepted:] if last else None,
                 )
                 ids.append(token)
                 index += 1
-                if sequence.finish_reason:
+                if sequence.finished:
                     break
     finally:
         del kv_cache
@@ -215,12 +219,12 @@ def _verify(drafted, q_probs, scores, settings, generator) -> tuple[int, int]:
     return len(drafted), int(torch.multinomial(p[len(drafted)], 1, generator=generator))
 
 
-def _make_drafter(pipeline, mode, draft):
+def _make_drafter(pipeline, mode, draft, attention):
     if mode == "prompt-lookup":
         return PromptLookupDraft()
     if mode == "self":
         layers = draft if draft is not None else max(1, pipeline.shape.layers // 4)
-        return ModelDraft(self_draft_model(pipeline.model, layers), pipeline.attention)
+        return ModelDraft(self_draft_model(pipeline.model, layers), attention)
     model = getattr(draft, "model", draft)
     if model is None:
         raise ValueError("speculative='draft' needs draft= a TextGenerationPipeline or a causal LM sharing the tokenizer")
@@ -229,4 +233,4 @@ def _make_drafter(pipeline, mode, draft):
         raise ValueError("the draft model's tokenizer differs from the target's; speculative decoding needs the same vocabulary")
     if vocab != pipeline.shape.vocab:
         raise ValueError(f"the draft's vocabulary ({vocab}) differs from the target's ({pipeline.shape.vocab})")
-    return ModelDraft(model, pipeline.attention)
+    return ModelDraft(model, attention)

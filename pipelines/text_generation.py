@@ -11,16 +11,18 @@ The loop is ours; the model is transformers' own. It reads like the highway it i
     an end-of-sequence token, a stop string or the token limit.
 
 With use_cache=False every step re-runs the whole sequence instead, so each token costs more than
-the last: the staircase the KV cache flattens. Speculative decoding lives in speculative.py, the
-GPU fast path (static cache, CUDA-graph decode step, same events) in fast_decode.py.
+the last: the staircase the KV cache flattens. `stream()` checks the request, tokenizes, and runs
+one of three loops: `generate` below (the plain one), `fast_generate` (fast_decode.py: static
+cache, compiled or CUDA-graph decode step) or `speculative_generate` (speculative.py). All three
+yield the same events, built by generation.py, and none imports another.
 
-Depends on torch, transformers and the studio core; never on Gradio.
+Depends on torch, transformers, the studio core and the lane's own modules; never on Gradio.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,57 +31,29 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from studio import assets, backends
 from studio.backends.attention import check_name as check_attention_name
-from studio.events import Step
 from studio.cost import decoder_shape, decoder_step_cost
 from studio.integrations.transformers import use_studio_attention
 from studio.loading import LoadError, check_weights_format, resolve_device, resolve_dtype
 from studio.profiling import StepTimer
 
-from .sampling import SamplingSettings, choose_token, top_alternatives
-
-
-@dataclass(kw_only=True)
-class TokenStep(Step):
-    """One step of the LLM lane. phase: "tokenize" | "prefill" | "decode"."""
-
-    sequence: int = 0  # which prompt of a batch this event belongs to
-    token_id: int | None = None  # the token chosen at this step
-    text: str | None = None  # the text it added (may be empty while a character is incomplete)
-    logprob: float | None = None  # log-probability of the chosen token under the model's raw distribution
-    top: list[tuple[str, int, float]] = field(default_factory=list)  # (text, id, prob), the model's raw distribution
-    top_processed: list[tuple[str, int, float]] = field(default_factory=list)  # after the sampling processors
-    kv_cache_bytes: int | None = None  # bytes held by the KV cache after this step
-    token_ids: list[int] | None = None  # tokenize: the prompt's token ids
-    tokens: list[str] | None = None  # tokenize: the prompt's tokens as text
-    finish_reason: str | None = None  # on a sequence's last event: "eos" | "stop" | "length"
-    # speculative decoding: the round's draft, whether this token was a draft the target accepted
-    drafted: list[int] | None = None
-    from_draft: bool | None = None
-    rejected: list[int] | None = None
-
-
-@dataclass
-class GenerationOutput:
-    text: str
-    token_ids: list[int]  # the generated tokens (the prompt's are in steps[0].token_ids)
-    steps: list[TokenStep]
-    finish_reason: str
-    acceptance_rate: float | None = None  # speculative decoding: accepted / drafted tokens
-    tokens_per_target_forward: float | None = None  # speculative decoding: tokens per verify pass
-
-
-@dataclass
-class _Sequence:
-    """Per-prompt bookkeeping while a batch is generated."""
-
-    generated: list[int] = field(default_factory=list)
-    text: str = ""  # the text shown so far
-    added: str = ""  # what the latest token added to it
-    finish_reason: str | None = None
+from .fast_decode import fast_generate, wants_fast_path
+from .generation import (
+    Collected,
+    GenerationOutput,
+    GenerationRequest,
+    SequenceState,
+    TokenStep,
+    all_finished,
+    decode_text,
+    kv_cache_bytes,
+)
+from .sampling import SamplingSettings, choose_token, top_tokens
+from .speculative import speculative_generate
 
 
 class TextGenerationPipeline:
     timing_kind = "device"  # step times are device time (CUDA events, or the CPU's clock); see pipelines.remote
+
     def __init__(self, model, tokenizer, device=None, attention: str | None = None, precision: str | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -137,7 +111,7 @@ class TextGenerationPipeline:
 
     def __call__(self, prompt: str | list[str], **kwargs) -> GenerationOutput | list[GenerationOutput]:
         batch = [prompt] if isinstance(prompt, str) else list(prompt)
-        outputs = [_Collected() for _ in batch]
+        outputs = [Collected() for _ in batch]
         for event in self.stream(prompt, **kwargs):
             outputs[event.sequence].add(event)
         stops = kwargs.get("stop") or []
@@ -166,33 +140,46 @@ class TextGenerationPipeline:
         stop_event: threading.Event | None = None,
         fast_path: bool | None = None,
     ):
-        """Yield a TokenStep for every step: tokenize, prefill, then each decode step.
+        """An iterator of TokenSteps, one for every step: tokenize, prefill, then each decode step.
 
         speculative: None, "draft" (with draft= a TextGenerationPipeline or model sharing the
         tokenizer), "prompt-lookup" (n-grams of the context) or "self" (the target's first
         layers; draft= the number of layers, default a quarter). Stop between steps by closing
-        the generator or setting stop_event; the KV cache is freed either way.
+        the iterator or setting stop_event; the KV cache is freed either way.
         fast_path: a static KV cache and a CUDA-graph decode step (fast_decode.py), same events;
         None: on for CUDA where the model and request allow it, True: on (eager on the CPU), False: off.
+
+        The request is checked, and the backends chosen (a `backends.use()` scope around this
+        call, else the pipeline's defaults), when stream() is called; they hold for the whole run.
         """
-        settings = SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        self._check_request(prompts, max_new_tokens, top_logprobs, num_draft_tokens, speculative, use_cache)
-        from .fast_decode import fast_generate, wants_fast_path
-
+        self.check_request(prompts, max_new_tokens, top_logprobs, num_draft_tokens, speculative, use_cache)
+        choice = backends.resolve(self.attention, self.precision)
+        request = GenerationRequest(
+            SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty, seed), max_new_tokens,
+            top_logprobs, tuple([stop] if isinstance(stop, str) else stop or ()), frozenset(self.eos_token_ids),
+            attention=choice.attention, stop_event=stop_event,
+        )
         fast = wants_fast_path(self, fast_path, use_cache, speculative)
+        if speculative is not None:
+            loop = functools.partial(speculative_generate, mode=speculative, draft=draft, k=num_draft_tokens)
+        elif fast:
+            loop = fast_generate
+        else:
+            loop = functools.partial(generate, use_cache=use_cache)
+        return self._run(prompts, chat, request, choice.precision, loop)
 
-        self._sync_precision()
+    def _run(self, prompts, chat, request, precision, loop):
+        backends.sync_precision([self.model], precision)
         # 1. tokenize once: the prompt becomes token ids, left-padded into one batch
         timer = StepTimer(self.device)
         with timer.time() as timing:
             input_ids, attention_mask = self._tokenize(prompts, chat)
         context = self.context_length
-        if context is not None and input_ids.shape[1] + max_new_tokens > context:
+        if context is not None and input_ids.shape[1] + request.max_new_tokens > context:
             raise ValueError(
-                f"the prompt ({input_ids.shape[1]} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
-                f"model's context of {context} tokens; shorten the prompt or lower max_new_tokens"
+                f"the prompt ({input_ids.shape[1]} tokens) plus max_new_tokens ({request.max_new_tokens}) exceeds "
+                f"the model's context of {context} tokens; shorten the prompt or lower max_new_tokens"
             )
         for i in range(len(prompts)):
             ids = input_ids[i][attention_mask[i].bool()].tolist()
@@ -200,86 +187,32 @@ class TextGenerationPipeline:
                 phase="tokenize", index=0, sequence=i, timing=timing, token_ids=ids,
                 tokens=self.tokenizer.convert_ids_to_tokens(ids), shapes={"token_ids": (1, len(ids))},
             )
-
-        if speculative is not None:
-            from .speculative import speculative_stream
-
-            yield from speculative_stream(
-                self, input_ids, settings, max_new_tokens, top_logprobs, stops, speculative, draft,
-                num_draft_tokens, stop_event,
-            )
-            return
-        if fast:
-            yield from fast_generate(self, input_ids, attention_mask, settings, max_new_tokens, top_logprobs, stops, stop_event)
-            return
-        yield from self._generate(
-            input_ids, attention_mask, settings, max_new_tokens, top_logprobs, stops, use_cache, stop_event
-        )
+        # 2. and 3. prefill, then one decode step per token: in the loop chosen for this request
+        yield from loop(self, input_ids, attention_mask, request)
 
     # -----------------------------------------------------------------------------------------
-    # The loop
+    # The model calls the loops make
 
-    def _generate(self, input_ids, attention_mask, settings, max_new_tokens, top_logprobs, stops, use_cache, stop_event):
-        processors = settings.processors()
-        generator = torch.Generator(self.device).manual_seed(settings.seed)
-        sequences = [_Sequence() for _ in range(input_ids.shape[0])]
-        kv_cache = DynamicCache(config=self.model.config) if use_cache else None
-        timer = StepTimer(self.device)
-        try:
-            # 2. prefill: the whole prompt in one forward pass; its last position predicts token 0
-            with timer.time() as timing:
-                logits, hidden_shapes = self.prefill(input_ids, attention_mask, kv_cache)
-                scores = processors(input_ids, logits)
-                next_tokens = choose_token(scores, settings, generator)
-            phase, q_len = "prefill", input_ids.shape[1]
-            for index in range(max_new_tokens):
-                kv_len = input_ids.shape[1]
-                flops, bytes_moved = decoder_step_cost(self.shape, input_ids.shape[0], q_len, kv_len)
-                events = self._step_events(
-                    phase, index, timing, logits, scores, next_tokens, sequences, top_logprobs, stops,
-                    max_new_tokens, kv_cache, flops, bytes_moved, hidden_shapes,
-                )
-                yield from events
-                if all(s.finish_reason for s in sequences) or (stop_event is not None and stop_event.is_set()):
-                    return
-                # finished sequences keep receiving padding, as in generate(), so the batch stays square
-                done = torch.tensor([s.finish_reason is not None for s in sequences], device=self.device)
-                next_tokens = next_tokens.masked_fill(done, self.pad_token_id)
-                input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=1)
-                attention_mask = torch.cat([attention_mask, torch.ones_like(next_tokens)[:, None]], dim=1)
-
-                # 3. decode: one token in (or, without a cache, the whole sequence again), one out
-                with timer.time() as timing:
-                    logits, hidden_shapes = self.decode_step(input_ids, attention_mask, kv_cache)
-                    scores = processors(input_ids, logits)
-                    next_tokens = choose_token(scores, settings, generator)
-                phase, q_len = "decode", 1 if use_cache else input_ids.shape[1]
-        finally:
-            # stopped, finished or failed: drop the cache now rather than when the generator is collected
-            del kv_cache
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    def prefill(self, input_ids, attention_mask, kv_cache):
+    def prefill(self, input_ids, attention_mask, kv_cache, request):
         """The prompt in one forward pass: fills the KV cache, returns the last position's logits."""
-        logits, shapes = self.forward(input_ids, attention_mask, kv_cache)
+        logits, shapes = self.forward(input_ids, attention_mask, kv_cache, request)
         return logits[:, -1], shapes
 
-    def decode_step(self, input_ids, attention_mask, kv_cache):
+    def decode_step(self, input_ids, attention_mask, kv_cache, request):
         """One new token: with a cache only the newest token runs (its K and V join the cache); without
         one, the whole sequence runs again and every earlier K and V is recomputed."""
         new_ids = input_ids[:, -1:] if kv_cache is not None else input_ids
-        logits, shapes = self.forward(new_ids, attention_mask, kv_cache)
+        logits, shapes = self.forward(new_ids, attention_mask, kv_cache, request)
         return logits[:, -1], shapes
 
-    def forward(self, new_ids, attention_mask, kv_cache, logits_to_keep: int = 1):
+    def forward(self, new_ids, attention_mask, kv_cache, request, logits_to_keep: int = 1):
         """The model over `new_ids` (the tokens the cache has not seen): float32 logits of the last
         `logits_to_keep` positions [batch, keep, vocab], and the shapes along the highway."""
         # left padding shifts each prompt: positions count real tokens only, as generate() does
         positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)[:, -new_ids.shape[1] :]
         # the backend scope is entered around each model call, never held across a yield: a
         # generator may be resumed from another thread, where a held context would not apply
-        with torch.no_grad(), backends.use(attention=self.attention):
+        with torch.no_grad(), backends.use(attention=request.attention):
             out = self.model(
                 input_ids=new_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=kv_cache,
                 use_cache=kv_cache is not None, logits_to_keep=logits_to_keep, output_hidden_states=True,
@@ -290,71 +223,9 @@ class TextGenerationPipeline:
         shapes["logits"] = tuple(out.logits.shape)
         return out.logits.float(), shapes
 
-    def _step_events(
-        self, phase, index, timing, logits, scores, next_tokens, sequences, top_logprobs, stops, max_new_tokens,
-        kv_cache, flops, bytes_moved, shapes,
-    ):
-        """Turn one step's tensors into one event per unfinished sequence (host work, after timing)."""
-        events = []
-        for i, sequence in enumerate(sequences):
-            if not sequence.finish_reason:
-                token = int(next_tokens[i])
-                self._advance(sequence, token, stops, max_new_tokens)
-                events.append(
-                    self.token_event(
-                        phase, index, timing, token, logits[i], scores[i], sequence, top_logprobs, kv_cache,
-                        sequence=i, flops=flops, bytes=bytes_moved, shapes=shapes,
-                    )
-                )
-        return events
-
-    def token_event(self, phase, index, timing, token, logits, scores, state, top_logprobs, kv_cache, **fields):
-        """The event for one chosen token, from its step's raw logits and processed scores [vocab]."""
-        log_probs = torch.log_softmax(logits, dim=-1)
-        return TokenStep(
-            phase=phase, index=index, timing=timing, token_id=token, text=state.added,
-            logprob=float(log_probs[token]), top=top_alternatives(log_probs.exp(), top_logprobs, self.tokenizer),
-            top_processed=top_alternatives(torch.softmax(scores, dim=-1), top_logprobs, self.tokenizer),
-            kv_cache_bytes=kv_cache_bytes(kv_cache), finish_reason=state.finish_reason, **fields,
-        )
-
-    def _advance(self, sequence, token, stops, max_new_tokens) -> str | None:
-        """Append a token to a sequence, decide whether it finished, and set the text it adds.
-
-        Text that could be the start of a stop string, or an incomplete UTF-8 character, is held
-        back until the next token settles it: a stream cannot take back what it has shown."""
-        sequence.generated.append(token)
-        text, stopped = self.decode(sequence.generated, stops)
-        finish = None
-        if token in self.eos_token_ids:
-            finish = "eos"
-        elif stopped:
-            finish = "stop"
-        elif len(sequence.generated) >= max_new_tokens:
-            finish = "length"
-        if finish is None:
-            held = max([n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])], default=0)
-            text = text[: len(text) - held]
-            text = text.rstrip("\ufffd")
-        sequence.added = text[len(sequence.text) :]
-        sequence.text = text if len(text) > len(sequence.text) else sequence.text
-        sequence.finish_reason = finish
-        return finish
-
     def decode(self, token_ids: list[int], stops: list[str]) -> tuple[str, bool]:
         """The text of generated tokens, cut before the first stop string; and whether one was found."""
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        found = [text.find(s) for s in stops if s in text]
-        return (text[: min(found)], True) if found else (text, False)
-
-    def _sync_precision(self):
-        """Apply the precision chosen for this call (backends.use() scope, else the pipeline's)."""
-        wanted = backends.current().precision or self.precision
-        if wanted != backends.precision_of(self.model):
-            if wanted is None:
-                backends.restore_precision(self.model)
-            else:
-                backends.apply_precision(self.model, wanted)
+        return decode_text(self.tokenizer, token_ids, stops)
 
     # -----------------------------------------------------------------------------------------
     # Input handling
@@ -373,7 +244,7 @@ class TextGenerationPipeline:
         encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
         return encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
 
-    def _check_request(self, prompts, max_new_tokens, top_logprobs, num_draft_tokens, speculative, use_cache):
+    def check_request(self, prompts, max_new_tokens, top_logprobs, num_draft_tokens, speculative, use_cache):
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise ValueError("the prompt is empty; type some text to continue")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -393,35 +264,54 @@ class TextGenerationPipeline:
                 raise ValueError(f"num_draft_tokens must be between 1 and 16; got {num_draft_tokens}")
 
 
-def kv_cache_bytes(kv_cache) -> int:
-    """Bytes held by the cache's key and value tensors, as allocated."""
-    if kv_cache is None:
-        return 0
-    total = 0
-    for layer in kv_cache.layers:
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
+# ---------------------------------------------------------------------------------------------
+# The plain loop
 
 
-class _Collected:
-    """Gathers one sequence's events into a GenerationOutput."""
+def generate(pipeline, input_ids, attention_mask, request, *, use_cache: bool):
+    """Prefill, then one decode step per token, each step's tokens turned into events. Without a
+    cache every step runs the whole sequence again: the staircase."""
+    settings, processors = request.settings, request.settings.processors()
+    generator = torch.Generator(pipeline.device).manual_seed(settings.seed)
+    sequences = [SequenceState(i, request, pipeline.tokenizer) for i in range(input_ids.shape[0])]
+    kv_cache = DynamicCache(config=pipeline.model.config) if use_cache else None
+    timer = StepTimer(pipeline.device)
+    try:
+        # 2. prefill: the whole prompt in one forward pass; its last position predicts token 0
+        with timer.time() as timing:
+            logits, shapes = pipeline.prefill(input_ids, attention_mask, kv_cache, request)
+            scores = processors(input_ids, logits)
+            next_tokens = choose_token(scores, settings, generator)
+        phase, q_len = "prefill", input_ids.shape[1]
+        for index in range(request.max_new_tokens):
+            flops, bytes_moved = decoder_step_cost(pipeline.shape, input_ids.shape[0], q_len, input_ids.shape[1])
+            for sequence, token in zip(sequences, next_tokens.tolist()):
+                if sequence.finished:
+                    continue
+                sequence.advance(token)
+                logprob, top, top_processed = top_tokens(
+                    logits[sequence.index], scores[sequence.index], token, request.top_logprobs
+                )
+                yield sequence.event(
+                    phase, index, timing, logprob=logprob, top=top, top_processed=top_processed,
+                    kv_cache_bytes=kv_cache_bytes(kv_cache), flops=flops, bytes=bytes_moved, shapes=shapes,
+                )
+            if all_finished(sequences, request):
+                return
+            # finished sequences keep receiving padding, as in generate(), so the batch stays square
+            done = torch.tensor([s.finished for s in sequences], device=pipeline.device)
+            next_tokens = next_tokens.masked_fill(done, pipeline.pad_token_id)
+            input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(next_tokens)[:, None]], dim=1)
 
-    def __init__(self):
-        self.steps, self.token_ids, self.finish_reason = [], [], None
-
-    def add(self, event: TokenStep):
-        self.steps.append(event)
-        if event.token_id is not None:
-            self.token_ids.append(event.token_id)
-            self.finish_reason = event.finish_reason or self.finish_reason
-
-    def output(self, text: str) -> GenerationOutput:
-        out = GenerationOutput(text, self.token_ids, self.steps, self.finish_reason or "stopped")
-        drafted = [e.drafted for e in self.steps if e.drafted is not None]
-        if drafted:
-            accepted = sum(1 for e in self.steps if e.from_draft)
-            out.acceptance_rate = accepted / max(1, sum(len(d) for d in drafted))
-            out.tokens_per_target_forward = len(self.token_ids[1:]) / len(drafted)  # token 0 came from prefill
-        return out
+            # 3. decode: one token in (or, without a cache, the whole sequence again), one out
+            with timer.time() as timing:
+                logits, shapes = pipeline.decode_step(input_ids, attention_mask, kv_cache, request)
+                scores = processors(input_ids, logits)
+                next_tokens = choose_token(scores, settings, generator)
+            phase, q_len = "decode", 1 if use_cache else input_ids.shape[1]
+    finally:
+        # stopped, finished or failed: drop the cache now rather than when the generator is collected
+        del kv_cache
+        if pipeline.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -153,14 +153,14 @@ def test_tiled_never_builds_the_score_matrix():
 
 def test_use_scopes_the_choice_and_restores_it():
     q, k, v = inputs()
-    assert backends.current().attention == "auto"
+    assert backends.current().attention is None  # nothing chosen: a pipeline default, else auto
     with backends.use(attention="eager"):
         assert backends.current().attention == "eager"
         backends.attention(q, k, v, return_weights=True)  # eager is the one chosen
         with backends.use(attention="tiled"):
             assert backends.current().attention == "tiled"
         assert backends.current().attention == "eager"
-    assert backends.current().attention == "auto"
+    assert backends.current().attention is None  # nothing chosen: a pipeline default, else auto
 
 
 def test_auto_reports_its_choice():

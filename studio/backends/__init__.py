@@ -2,7 +2,7 @@
 
     from studio import backends
     backends.available()                       # every backend, with the reason one cannot run here
-    with backends.use(attention="eager", precision="bf16"):
+    with backends.use(attention="eager", precision="bf16"):   # beats a pipeline's own default
         ...
     out = backends.attention(q, k, v, causal=True, backend="sdpa")
     report = backends.apply_precision(model, "int8")   # reversible: backends.restore_precision(model)
@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 
 from .attention import ATTENTION_BACKENDS, attention, attention_info, choose_attention
+from .choice import resolve, sync_precision, use
 from .precision import PRECISIONS, PrecisionReport, apply_precision, precision_info, precision_of, restore_precision
-from .registry import BackendError, BackendInfo, Selection, current, use
+from .registry import BackendError, BackendInfo, Selection, current
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -31,7 +32,9 @@ __all__ = [
     "current",
     "precision_info",
     "precision_of",
+    "resolve",
     "restore_precision",
+    "sync_precision",
     "use",
 ]
 

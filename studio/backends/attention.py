@@ -86,7 +86,7 @@ def attention(
 
     With return_weights=True (eager only) returns (output, weights [batch, heads, q_len, kv_len]).
     """
-    name = backend or current().attention
+    name = backend or current().attention or "auto"
     check_name(name)
     _check_inputs(q, k, v, causal, mask)
     if name == "auto":

@@ -222,15 +222,17 @@ def _studio_tab(models: Models, default_device: str):
             chips_html = ""
             ceilings = dtype = None  # a remote model's steps are wall-clock times on someone else's device
             if llm.timing_kind == "device":
-                llm.attention = attn
-                llm.precision = None if prec == "model's own" else prec
                 ceilings = ceilings_for(llm.device)
                 dtype = next(llm.model.parameters()).dtype
-            for ev in llm.stream(
-                prompt, max_new_tokens=int(max_new), temperature=float(temp), top_k=int(k) or None,
-                top_p=float(p) if p < 1 else None, seed=int(seed or 0), use_cache=bool(cache), chat=mode == "chat",
-                speculative=None if spec == "off" else spec,
-            ):
+            # the backends are read when stream() is called: this scope holds for the whole run,
+            # and the shared, cached pipeline is left as it was
+            with backends.use(attention=attn, precision=None if prec == "model's own" else prec):
+                stream = llm.stream(
+                    prompt, max_new_tokens=int(max_new), temperature=float(temp), top_k=int(k) or None,
+                    top_p=float(p) if p < 1 else None, seed=int(seed or 0), use_cache=bool(cache),
+                    chat=mode == "chat", speculative=None if spec == "off" else spec,
+                )
+            for ev in stream:
                 events.append(ev)
                 if ev.phase == "tokenize":
                     chips_html = render.token_chips(ev.tokens, ev.token_ids, llm.tokenizer)
@@ -243,16 +245,16 @@ def _studio_tab(models: Models, default_device: str):
     def run_diffusion(name, prompt, negative_prompt, n_steps, scale, sched, mode, seed, side, dev, attn, prec):
         with request_errors("diffusion"):
             pipe = models.diffusion(name, dev)
-            pipe.attention = attn
-            pipe.precision = None if prec == "model's own" else prec
             events, strip = [], []
             ceilings = ceilings_for(pipe.device)
             dtype = pipe.dtype
-            for ev in pipe.stream(
-                prompt, negative_prompt=negative_prompt or None, steps=int(n_steps), guidance_scale=float(scale),
-                scheduler=sched, cfg_mode=mode, seed=int(seed or 0), height=None if side == "model's own" else int(side),
-                width=None if side == "model's own" else int(side),
-            ):
+            with backends.use(attention=attn, precision=None if prec == "model's own" else prec):
+                stream = pipe.stream(
+                    prompt, negative_prompt=negative_prompt or None, steps=int(n_steps), guidance_scale=float(scale),
+                    scheduler=sched, cfg_mode=mode, seed=int(seed or 0),
+                    height=None if side == "model's own" else int(side), width=None if side == "model's own" else int(side),
+                )
+            for ev in stream:
                 events.append(ev)
                 if ev.preview is not None:
                     strip.append((ev.preview, f"step {ev.index + 1}"))
