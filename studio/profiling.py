@@ -9,6 +9,8 @@ Four parts, in the order a step meets them:
     from NVIDIA's datasheets for known GPUs or from a quick measured probe for anything else.
   - `roofline()` places a measured step against those ceilings: memory- or compute-bound, and
     what share of the attainable speed it reached.
+    `roofline_axes()` labels a matplotlib axes as a roofline plot (the bench's and the app's draw
+    on the same axes); it only calls the axes' methods, so matplotlib is not imported here.
 
 Depends on torch and the standard library only; never imports transformers, diffusers, Gradio
 or a pipeline, so that both lanes, the inspector and the CLI can share it.
@@ -428,3 +430,14 @@ def roofline(flops: float, bytes: float, ms: float, ceilings: Ceilings, dtype: t
         achieved_bandwidth=achieved_bandwidth,
         share=share,
     )
+
+
+def roofline_axes(ax, title: str) -> None:
+    """Log-log axes, labels, legend and grid of a roofline plot (the bench's and the app's)."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOPs per byte of device memory traffic)")
+    ax.set_ylabel("TFLOP/s")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=6, loc="lower right")
+    ax.grid(True, which="both", alpha=0.3)

@@ -7,12 +7,12 @@ from tiny_llms import byte_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipelines.text_generation import TextGenerationPipeline
-from studio.bench import _malloc_trim, rss_bytes
+from studio.bench import malloc_trim, rss_bytes
 
 
 def resident() -> int:
     gc.collect()
-    _malloc_trim()  # freed heap goes back to the OS, so the RSS is what is still in use
+    malloc_trim()  # freed heap goes back to the OS, so the RSS is what is still in use
     return rss_bytes()
 
 

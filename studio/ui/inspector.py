@@ -1,6 +1,7 @@
 """The Inspector and Benchmarks tabs: what a config predicts, and what the suite measures.
 
-Depends on gradio, matplotlib, studio.inspector and studio.bench; no model logic here.
+Depends on gradio, matplotlib, studio.inspector and studio.profiling; imports studio.bench only when
+the Benchmarks tab runs it. No model logic here.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import pandas as pd
 import torch
 
 from studio import inspector as config_inspector
-from studio.bench import roofline_axes
-from studio.profiling import ceilings_for
+from studio.profiling import ceilings_for, roofline_axes
 
 BENCH_RESULTS = Path(__file__).resolve().parent.parent.parent / "docs" / "benchmarks"
 

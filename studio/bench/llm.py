@@ -1,0 +1,515 @@
+"""The LLM rows of `studio bench`: the LLM lane per attention kernel, precision, KV cache on/off, fast
+path and speculative mode (and per-token alternatives on/off), next to transformers' generate() on
+the same model and prompts; and one long prompt through the model per kernel and precision (the
+prefill table). Also what the inspector predicted for the model against what was measured.
+
+Depends on torch, studio.backends, studio.cost, studio.inspector and studio.bench.measure /
+.shapes / .results; imports the LLM pipeline and transformers inside its functions, as a consumer
+of the lanes. Never imports another lane of the bench, the goals, the report or the UI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import random
+import statistics
+from time import perf_counter
+
+import torch
+
+from studio import backends, inspector
+from studio.bench.measure import (
+    ROTATIONS,
+    MemoryDelta,
+    PeakMemory,
+    measure_rotating,
+    median_spread,
+    paired_overhead,
+    relative_error,
+    synchronize,
+    tensor_bytes,
+    touch,
+)
+from studio.bench.results import (
+    TILED_MAX_BLOCK_PAIRS,
+    Results,
+    Settings,
+    attention_grid,
+    dtype_name,
+    first_line,
+    jsonable,
+    matmul_peak,
+    or_failed,
+    peak_key,
+    precision_grid,
+    roofline_share,
+    table_row,
+)
+from studio.bench.shapes import build_llm_shape, reference_name
+from studio.cost import decoder_step_cost
+
+QUICK_PREFILL = ("auto", "eager")  # the kernels --quick runs the long prefill with
+
+
+_WORDS = (
+    "the river carried small boats past old mills while children counted clouds above green hills and a baker "
+    "opened his shop to sell warm bread to travellers who had walked all night through quiet villages near the sea"
+).split()
+
+
+class LLMBench:
+    """One LLM: every lane variant, the long prefill, and transformers' generate() next to them."""
+
+    def __init__(self, settings: Settings, results: Results, name: str, shape: bool):
+        self.settings, self.results, self.name, self.shape = settings, results, name, shape
+        self.device = results.device
+        self.llm = None
+        self.error: str | None = None
+        self.model_name = f"{name} (random weights)" if shape else name
+        self.stock_tok_s: float | None = None
+
+    # the plan: load, then one task per row, then free the model
+    def tasks(self):
+        s = self.settings
+        tasks = [(f"load {self.model_name}", self.load)]
+        tasks.append((f"{self.name}: generate()", lambda: self.stock(static=False)))
+        if self.device.type == "cuda" and not s.quick:
+            tasks.append((f"{self.name}: generate(static)", lambda: self.stock(static=True)))
+        for variant in self.variants():
+            tasks.append((f"{self.name}: {self._label(variant)}", lambda v=variant: self.decode_row(v)))
+        tasks.append((f"{self.name}: prefill", self.prefill_rows))
+        tasks.append((f"{self.name}: free", self.free))
+        return tasks
+
+    def variants(self) -> list[dict]:
+        """The rows, as changes from the lane's default (auto kernel, the model's dtype, cache on,
+        no fast path, plain decoding): each kernel, each precision, cache off, fast path, each
+        speculative mode, and the per-token alternatives on (the events' cost)."""
+        default = dict(attention="auto", precision=None, cache=True, fast_path=False, speculative=None, top_logprobs=0)
+        rows = [dict(default)]
+        dtype = self._dtype()
+        for kernel, reason in attention_grid(self.settings, self.device, dtype, "llm"):
+            if kernel != "auto":
+                rows.append(dict(default, attention=kernel, skip=reason))
+        for precision, reason in precision_grid(self.settings, self.device, dtype):
+            if precision is not None:
+                rows.append(dict(default, precision=precision, skip=reason))
+        rows.append(dict(default, cache=False))
+        fast_reason = None
+        if self.device.type != "cuda":
+            fast_reason = "the fast path (static KV cache + CUDA graphs) is for CUDA GPUs"
+        rows.append(dict(default, fast_path=True, skip=fast_reason))
+        rows.append(dict(default, speculative="prompt-lookup"))
+        rows.append(dict(default, speculative="self"))
+        rows.append(dict(default, speculative="draft",
+                         skip=None if self.settings.draft else "no draft model: pass --draft MODEL (sharing the tokenizer)"))
+        # paired: each timed run alternates with one without the alternatives, so drift hits both alike
+        rows.append(dict(default, top_logprobs=5, paired={"top_logprobs": 0}))
+        return rows
+
+    @staticmethod
+    def _pipeline_class():
+        from pipelines.text_generation import TextGenerationPipeline
+
+        return TextGenerationPipeline
+
+    def _dtype(self) -> torch.dtype:
+        if self.llm is not None:
+            return next(self.llm.model.parameters()).dtype
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
+    @staticmethod
+    def _label(v: dict) -> str:
+        parts = [f"attention={v['attention']}", f"precision={v['precision'] or 'native'}",
+                 f"cache={'on' if v['cache'] else 'off'}"]
+        if v["fast_path"]:
+            parts.append("fast path")
+        if v["speculative"]:
+            parts.append(f"speculative={v['speculative']}")
+        if v["top_logprobs"]:
+            parts.append(f"top_logprobs={v['top_logprobs']}")
+        return " ".join(parts)
+
+    def load(self):
+        TextGenerationPipeline = self._pipeline_class()
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        try:
+            with MemoryDelta(self.device) as delta:
+                if self.shape:
+                    self.llm = build_llm_shape(self.name, self.device, dtype)
+                else:
+                    self._import_model_code()
+                    self.llm = TextGenerationPipeline.from_pretrained(self.name, device=self.device)
+                touch(self.llm.model)
+        except (ValueError, OSError) as error:
+            self.error = first_line(error)
+            raise
+        llm = self.llm
+        # a benchmark generates exactly new_tokens tokens, as generate(min_new_tokens=...) does
+        llm.eos_token_ids = set()
+        config = llm.model.config.to_dict()
+        self.arch = self.name if self.shape else reference_name(config, "llm")
+        dtype_key = dtype_name(self._dtype())
+        self.analysis = inspector.analyse(
+            config, device=self.results.ceilings, dtype=dtype_key, prompt_tokens=self.settings.prompt_tokens
+        )
+        self.weights_bytes = tensor_bytes(llm.model)
+        self.results.models.append({
+            "lane": "llm", "name": self.model_name, "source": "shape" if self.shape else "pretrained", "arch": self.arch,
+            "dtype": dtype_key, "parameters": llm.model.num_parameters(), "weights_bytes": self.weights_bytes,
+            "weights_bytes_loaded": delta.bytes, "config": jsonable(config),
+        })
+        add = self.results.add
+        add("inspector", table_row("inspector", model=self.model_name, quantity="parameters", unit="count",
+                                   predicted=self.analysis.parameters, measured=llm.model.num_parameters(),
+                                   error=relative_error(self.analysis.parameters, llm.model.num_parameters()),
+                                   method="model.num_parameters() of the loaded model"))
+        add("inspector", table_row("inspector", model=self.model_name, quantity="weights", unit="bytes",
+                                   predicted=self.analysis.weight_bytes[dtype_key], measured=delta.bytes,
+                                   error=relative_error(self.analysis.weight_bytes[dtype_key], delta.bytes),
+                                   method=("allocated by loading (torch.cuda.memory_allocated after - before)"
+                                           if self.device.type == "cuda" else "process RSS after loading - before")))
+
+    def _import_model_code(self):
+        """Import the model's transformers module before memory is measured: its code is not weights."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from studio import assets
+
+        with contextlib.suppress(Exception):
+            path = assets.resolve(self.name)
+            config = AutoConfig.from_pretrained(path)
+            AutoModelForCausalLM._model_mapping[type(config)]
+
+    def free(self):
+        self.llm = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _base(self, v: dict | None = None, path: str = "studio") -> dict:
+        v = v or {}
+        return dict(model=self.model_name, arch=getattr(self, "arch", None), path=path,
+                    attention=v.get("attention", "sdpa" if path != "studio" else None),
+                    precision=v.get("precision") or "native", dtype=dtype_name(self._dtype()),
+                    cache="on" if v.get("cache", True) else "off", fast_path="on" if v.get("fast_path") else "off",
+                    speculative=v.get("speculative") or "none", top_logprobs=v.get("top_logprobs", 0),
+                    prompt_tokens=self.settings.prompt_tokens, new_tokens=self.settings.new_tokens)
+
+    def _not_loaded(self, table: str, base: dict) -> bool:
+        if self.llm is None:
+            reason = f"the model did not load: {self.error}"
+            self.results.add(table, table_row(table, status="skipped", reason=reason, **base))
+            return True
+        return False
+
+    def _prompts(self) -> list[str]:
+        """Prompts of about prompt_tokens tokens, a different one for every run."""
+        s, tokenizer = self.settings, self.llm.tokenizer
+        prompts = []
+        for seed in range(s.warmup + s.repeats):
+            rng = random.Random(seed)
+            text = " ".join(rng.choice(_WORDS) for _ in range(2 * s.prompt_tokens))
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"][: s.prompt_tokens]
+            prompts.append(tokenizer.decode(ids))
+        return prompts
+
+    def _draft(self, speculative):
+        if speculative == "self":
+            return max(1, self.llm.shape.layers // 4)
+        if speculative == "draft":
+            if not hasattr(self, "_draft_llm"):
+                self._draft_llm = self._pipeline_class().from_pretrained(self.settings.draft, device=self.device)
+            return self._draft_llm
+        return None
+
+    def decode_row(self, v: dict) -> dict:
+        base = self._base(v)
+        if self._not_loaded("llm", base):
+            return None
+        if v.get("skip"):
+            return self.results.add("llm", table_row("llm", status="skipped", reason=v["skip"], **base))
+        return or_failed(self.results, "llm", base, self._decode_row, v, base)
+
+    def _decode_row(self, v: dict, base: dict) -> dict:
+        s, llm = self.settings, self.llm
+        llm.attention, llm.precision = v["attention"], v["precision"]
+        kwargs = dict(max_new_tokens=s.new_tokens, use_cache=v["cache"], top_logprobs=v["top_logprobs"],
+                      speculative=v["speculative"], draft=self._draft(v["speculative"]))
+        if v["fast_path"]:
+            kwargs["fast_path"] = True
+        prompts = self._prompts()
+        # --quick warms up on two new tokens: prefill and decode have run once, which is what warm-up is for
+        warm = dict(kwargs, max_new_tokens=min(2, s.new_tokens)) if s.quick else kwargs
+        try:
+            started = perf_counter()
+            for prompt in prompts[: s.warmup]:
+                self._generate(prompt, warm)
+            warmup_ms = (perf_counter() - started) * 1e3
+            with PeakMemory(self.device) as memory:
+                runs, off = [], []
+                for prompt in prompts[s.warmup:]:
+                    if v.get("paired"):
+                        off.append(self._generate(prompt, dict(kwargs, **v["paired"])))
+                    runs.append(self._generate(prompt, kwargs))
+        finally:
+            llm.attention, llm.precision = None, None
+        ceilings, dtype = self.results.ceilings, peak_key(v["precision"], self._dtype())
+        ttft, _, _ = median_spread([r["ttft_ms"] for r in runs])
+        tok_s, tok_s_min, tok_s_max = median_spread([r["decode_tok_s"] for r in runs])
+        prefill_ms = statistics.median(r["prefill_ms"] for r in runs)
+        prefill_flops = runs[0]["prefill_flops"]
+        prompt_len = runs[0]["prompt_len"]
+        # bytes one plain decode step moves per token (weights, KV cache, logits), mid-generation
+        flops_tok, bytes_tok = decoder_step_cost(llm.shape, 1, 1, prompt_len + s.new_tokens // 2)
+        bytes_tok = bytes_tok * _bytes_scale(llm, v["precision"])
+        step_ms = 1e3 / tok_s if tok_s else None
+        kv_tokens = prompt_len + s.new_tokens - 1
+        plain = v["cache"] and not v["speculative"]
+        row = self.results.add("llm", table_row(
+            "llm", status="ok", repeats=len(runs), warmup_ms=warmup_ms,
+            ttft_ms=ttft, ttft_ms_min=min(r["ttft_ms"] for r in runs), ttft_ms_max=max(r["ttft_ms"] for r in runs),
+            prefill_ms=prefill_ms, prefill_tok_s=prompt_len / prefill_ms * 1e3,
+            prefill_tflop_s=prefill_flops / prefill_ms / 1e9,
+            prefill_share_of_peak=prefill_flops / (prefill_ms / 1e3) / matmul_peak(ceilings, dtype),
+            decode_tok_s=tok_s, decode_tok_s_min=tok_s_min, decode_tok_s_max=tok_s_max,
+            decode_step_ms=median_spread([r["decode_step_ms"] for r in runs])[0],
+            decode_gb_s=bytes_tok * tok_s / 1e9 if tok_s else None,
+            decode_share_of_roofline=roofline_share(flops_tok, bytes_tok, step_ms, ceilings, dtype),
+            acceptance_rate=median_spread([r["acceptance_rate"] for r in runs])[0],
+            run_ms=statistics.median(r["run_ms"] for r in runs),
+            paired_overhead=paired_overhead(runs, off, "run_ms"),
+            weights_bytes=self.weights_bytes,
+            kv_bytes=runs[-1]["kv_bytes"] if v["cache"] else 0,
+            kv_bytes_predicted=self.analysis.kv_bytes_per_token * kv_tokens if plain else None,
+            activations_bytes=inspector.decoder_activation_bytes(
+                self.analysis, 1 if v["cache"] else prompt_len + s.new_tokens, prompt_len + s.new_tokens,
+                eager=v["attention"] == "eager"),
+            peak_mem_bytes=memory.peak, peak_growth_bytes=memory.growth, **base,
+        ))
+        if self.stock_tok_s and tok_s:
+            row["speedup_vs_stock"] = tok_s / self.stock_tok_s
+        if v == self.variants()[0]:
+            row["_cost"] = {"prefill": (prefill_flops, runs[0]["prefill_bytes"]), "decode": (flops_tok, bytes_tok)}
+            self._inspect_decode(row, runs, kv_tokens)
+        return row
+
+    def _generate(self, prompt: str, kwargs: dict) -> dict:
+        """One generation, timed on the host (time to first token, decode tokens/s) and from the
+        events (device time of prefill and of each decode step)."""
+        started = perf_counter()
+        first, events = None, []
+        for event in self.llm.stream(prompt, **kwargs):
+            if first is None and event.phase in ("prefill", "decode"):
+                first = perf_counter()
+            events.append(event)
+        synchronize(self.device)
+        total = perf_counter() - started
+        tokens = [e for e in events if e.phase in ("prefill", "decode")]
+        prefill = next(e for e in events if e.phase == "prefill")
+        decode_ms = [e.ms for e in events if e.phase == "decode" and e.timing is not None]
+        drafted = [e.drafted for e in events if e.drafted is not None]
+        accepted = sum(1 for e in events if e.from_draft)
+        return {
+            "ttft_ms": (first - started) * 1e3,
+            "decode_tok_s": (len(tokens) - 1) / (total - (first - started)) if len(tokens) > 1 else None,
+            "decode_step_ms": statistics.median(decode_ms) if decode_ms and not drafted else None,
+            "prefill_ms": prefill.ms, "prefill_flops": prefill.flops, "prefill_bytes": prefill.bytes,
+            "prompt_len": len(events[0].token_ids),
+            "kv_bytes": tokens[-1].kv_cache_bytes,
+            "acceptance_rate": accepted / max(1, sum(len(d) for d in drafted)) if drafted else None,
+            "run_ms": total * 1e3,
+        }
+
+    def _inspect_decode(self, row: dict, runs: list[dict], kv_tokens: int):
+        """Predicted against measured for the default row: KV cache, peak, time per step."""
+        a, add, name = self.analysis, self.results.add, self.model_name
+        measured_per_token = row["kv_bytes"] / kv_tokens if row["kv_bytes"] else None
+        add("inspector", table_row("inspector", model=name, quantity="KV cache per token", unit="bytes",
+                                   predicted=a.kv_bytes_per_token, measured=measured_per_token,
+                                   error=relative_error(a.kv_bytes_per_token, measured_per_token),
+                                   method=f"kv_cache_bytes of the last event / {kv_tokens} cached tokens"))
+        add("inspector", table_row("inspector", model=name, quantity=f"KV cache, {kv_tokens} tokens", unit="bytes",
+                                   predicted=row["kv_bytes_predicted"], measured=row["kv_bytes"],
+                                   error=relative_error(row["kv_bytes_predicted"], row["kv_bytes"]),
+                                   method="the lane's kv_cache_bytes: its key and value tensors as allocated"))
+        predicted_peak = self.weights_bytes + (row["kv_bytes_predicted"] or 0) + row["activations_bytes"]
+        if self.device.type == "cuda":
+            add("inspector", table_row("inspector", model=name, quantity="decode peak memory", unit="bytes",
+                                       predicted=predicted_peak, measured=row["peak_mem_bytes"],
+                                       error=relative_error(predicted_peak, row["peak_mem_bytes"]),
+                                       method="weights + KV + activations (estimate) vs torch.cuda.max_memory_allocated"))
+        else:
+            extra = (row["kv_bytes_predicted"] or 0) + row["activations_bytes"]
+            add("inspector", table_row("inspector", model=name, quantity="decode memory growth", unit="bytes",
+                                       predicted=extra, measured=row["peak_growth_bytes"],
+                                       error=relative_error(extra, row["peak_growth_bytes"]),
+                                       method="KV + activations (estimate) vs peak RSS growth "
+                                              "(weights were resident before)"))
+        # the roofline's time on this device, against the measured device time
+        prefill = a.predicted(self.results.ceilings.name, "prefill").ms
+        decode = a.predicted(self.results.ceilings.name, "decode").ms
+        add("inspector", table_row("inspector", model=name, quantity="prefill time", unit="ms", predicted=prefill,
+                                   measured=row["prefill_ms"], error=relative_error(prefill, row["prefill_ms"]),
+                                   method="roofline on this device's ceilings vs the prefill event's device time"))
+        add("inspector", table_row("inspector", model=name, quantity="decode time per token", unit="ms", predicted=decode,
+                                   measured=1e3 / row["decode_tok_s"] if row["decode_tok_s"] else None,
+                                   error=relative_error(decode, 1e3 / row["decode_tok_s"] if row["decode_tok_s"] else None),
+                                   method="roofline on this device's ceilings vs 1 / decode tokens per second "
+                                          "(wall clock)"))
+
+    def stock(self, static: bool) -> dict:
+        """transformers' generate(), greedy, on the same model and prompts, with its own SDPA attention:
+        time to first token from a streamer, decode tokens/s as (new tokens - 1) / (total - TTFT)."""
+        path = "transformers generate(static cache)" if static else "transformers generate()"
+        base = self._base(path=path)
+        if self._not_loaded("llm", base):
+            return None
+        return or_failed(self.results, "llm", base, self._stock, static, base, path)
+
+    def _stock(self, static: bool, base: dict, path: str) -> dict:
+        from studio.integrations.transformers import use_studio_attention
+
+        s, llm = self.settings, self.llm
+        backends.restore_precision(llm.model)
+        llm.model.set_attn_implementation("sdpa")
+        prompts = self._prompts()
+        try:
+            started = perf_counter()
+            for prompt in prompts[: s.warmup]:
+                self._stock_generate(prompt, static)
+            warmup_ms = (perf_counter() - started) * 1e3
+            with PeakMemory(self.device) as memory:
+                runs = [self._stock_generate(prompt, static) for prompt in prompts[s.warmup:]]
+        finally:
+            use_studio_attention(llm.model)
+        tok_s, tok_s_min, tok_s_max = median_spread([r["decode_tok_s"] for r in runs])
+        if not static:
+            self.stock_tok_s = tok_s
+            for row in self.results.tables["llm"]:  # rows measured before this one
+                if row["model"] == self.model_name and row["path"] == "studio" and row["decode_tok_s"] and tok_s:
+                    row["speedup_vs_stock"] = row["decode_tok_s"] / tok_s
+        prompt_len = runs[0]["prompt_len"]
+        flops_tok, bytes_tok = decoder_step_cost(llm.shape, 1, 1, prompt_len + s.new_tokens // 2)
+        dtype = peak_key(None, self._dtype())
+        return self.results.add("llm", table_row(
+            "llm", status="ok", repeats=len(runs), warmup_ms=warmup_ms,
+            ttft_ms=median_spread([r["ttft_ms"] for r in runs])[0],
+            ttft_ms_min=min(r["ttft_ms"] for r in runs), ttft_ms_max=max(r["ttft_ms"] for r in runs),
+            decode_tok_s=tok_s, decode_tok_s_min=tok_s_min, decode_tok_s_max=tok_s_max,
+            decode_gb_s=bytes_tok * tok_s / 1e9 if tok_s else None,
+            decode_share_of_roofline=roofline_share(flops_tok, bytes_tok, 1e3 / tok_s if tok_s else None,
+                                                         self.results.ceilings, dtype),
+            speedup_vs_stock=1.0 if not static else (tok_s / self.stock_tok_s if self.stock_tok_s and tok_s else None),
+            run_ms=statistics.median(r["run_ms"] for r in runs), weights_bytes=self.weights_bytes,
+            peak_mem_bytes=memory.peak, peak_growth_bytes=memory.growth, **base,
+        ))
+
+    def _stock_generate(self, prompt: str, static: bool) -> dict:
+        from transformers import GenerationConfig
+        from transformers.generation.streamers import BaseStreamer
+
+        llm, n = self.llm, self.settings.new_tokens
+
+        class FirstToken(BaseStreamer):
+            """generate() hands the streamer the prompt, then each new token (already on the host)."""
+
+            def __init__(self):
+                self.puts, self.first = 0, None
+
+            def put(self, value):
+                self.puts += 1
+                if self.puts == 2:
+                    self.first = perf_counter()
+
+            def end(self):
+                pass
+
+        streamer = FirstToken()
+        # greedy, exactly n new tokens; a fresh config, so that no sampling default of the model applies
+        config = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=llm.pad_token_id,
+                                  eos_token_id=llm.model.generation_config.eos_token_id,
+                                  cache_implementation="static" if static else None)
+        started = perf_counter()
+        encoded = llm.tokenizer(prompt, return_tensors="pt").to(self.device)  # timed, as the lane's tokenize is
+        with torch.no_grad():
+            out = llm.model.generate(**encoded, generation_config=config, streamer=streamer)
+        synchronize(self.device)
+        total = perf_counter() - started
+        new = out.shape[1] - encoded["input_ids"].shape[1]
+        ttft = streamer.first - started
+        return {"ttft_ms": ttft * 1e3, "decode_tok_s": (new - 1) / (total - ttft) if new > 1 else None,
+                "prompt_len": encoded["input_ids"].shape[1], "run_ms": total * 1e3}
+
+    def prefill_rows(self):
+        """One forward over prefill_tokens tokens (filling a fresh KV cache), per attention kernel and
+        precision: TFLOP/s and share of the matmul peak. Device time from CUDA events."""
+        s = self.settings
+        dtype = self._dtype()
+        variants = [(k, None, r) for k, r in attention_grid(s, self.device, dtype, "prefill")]
+        variants += [("auto", p, r) for p, r in precision_grid(s, self.device, dtype) if p is not None]
+        if s.quick:  # the default kernel, and eager for its score matrix
+            variants = [(k, p, r if r or (k in QUICK_PREFILL and p is None) else
+                         f"--quick runs the prefill with {' and '.join(QUICK_PREFILL)} only; run without --quick")
+                        for k, p, r in variants]
+        for kernel, precision, reason in variants:
+            base = dict(model=self.model_name, arch=getattr(self, "arch", None), attention=kernel,
+                        precision=precision or "native", dtype=dtype_name(dtype), tokens=s.prefill_tokens)
+            if self._not_loaded("prefill", base):
+                continue
+            if reason is None and self.llm.context_length and s.prefill_tokens > self.llm.context_length:
+                reason = f"the model's context is {self.llm.context_length} tokens"
+            if reason is None and kernel == "tiled" and (s.prefill_tokens // 64) ** 2 // 2 > TILED_MAX_BLOCK_PAIRS:
+                reason = (f"the tiled kernel is a Python loop over 64x64 blocks: {(s.prefill_tokens // 64) ** 2 // 2:,} "
+                          "block pairs per layer; see the attention table for it")
+            if reason is not None:
+                self.results.add("prefill", table_row("prefill", status="skipped", reason=reason, **base))
+                continue
+            try:
+                self._prefill_row(kernel, precision, base)
+            except Exception as error:
+                self.results.add("prefill", table_row("prefill", status="failed", reason=first_line(error), **base))
+
+    def _prefill_row(self, kernel, precision, base):
+        from transformers import DynamicCache
+
+        s, llm = self.settings, self.llm
+        vocab = min(llm.shape.vocab, len(llm.tokenizer))
+        generator = torch.Generator().manual_seed(0)
+        inputs = [(torch.randint(0, vocab, (1, s.prefill_tokens), generator=generator).to(self.device),)
+                  for _ in range(ROTATIONS)]
+
+        def prefill(ids):
+            cache = DynamicCache(config=llm.model.config)
+            llm.prefill(ids, torch.ones_like(ids), cache)
+
+        if precision:
+            backends.apply_precision(llm.model, precision)
+        try:
+            with backends.use(attention=kernel):
+                started = perf_counter()
+                prefill(*inputs[0])
+                synchronize(self.device)
+                warmup_ms = (perf_counter() - started) * 1e3
+                with PeakMemory(self.device) as memory:
+                    m = measure_rotating(prefill, inputs, self.device, max(0, s.warmup - 1), s.repeats)
+        finally:
+            backends.restore_precision(llm.model)
+        flops, _ = decoder_step_cost(llm.shape, 1, s.prefill_tokens, s.prefill_tokens)
+        dtype = peak_key(precision, self._dtype())
+        self.results.add("prefill", table_row(
+            "prefill", status="ok", repeats=len(m.all_ms), warmup_ms=warmup_ms, ms=m.median_ms, ms_min=m.min_ms,
+            ms_max=m.max_ms, tok_s=s.prefill_tokens / m.median_ms * 1e3, tflop_s=flops / m.median_ms / 1e9,
+            share_of_peak=flops / (m.median_ms / 1e3) / matmul_peak(self.results.ceilings, dtype),
+            scores_bytes=llm.shape.heads * s.prefill_tokens**2 * 4 if kernel in ("eager", "sdpa-math") else 0,
+            peak_mem_bytes=memory.peak, peak_growth_bytes=memory.growth, **base,
+        ))
+
+
+def _bytes_scale(llm, precision: str | None) -> float:
+    """Weight bytes per decode step change with the precision: 1-byte int8/fp8, 2-byte bf16/fp16."""
+    if precision is None:
+        return 1.0
+    size = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "int8": 1, "fp8": 1}[precision]
+    return size / llm.shape.dtype_bytes
