@@ -362,7 +362,8 @@ class LatentDiffusionPipeline:
         # 6. Decode: the final latents or, stopped early, the last x0 prediction
         stopped = taken < len(timesteps)
         with self._stage(request):
-            yield self.decode(x0 if stopped and x0 is not None else latents, timer, meter, len(timesteps), forward_passes)
+            event = self.decode(x0 if stopped and x0 is not None else latents, timer, meter, len(timesteps), forward_passes)
+        yield event
 
     # -----------------------------------------------------------------------------------------
     # The stages

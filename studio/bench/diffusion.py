@@ -179,12 +179,12 @@ class DiffusionBench:
                 return self.results.add("diffusion", table_row("diffusion", status="skipped", reason=(
                     f"the tiled kernel is a Python loop over 64x64 blocks: {pairs:,} block pairs in the largest "
                     "attention call; see the attention table for it"), **base))
-        pipe.attention, pipe.precision = v["attention"], v["precision"]
         kwargs = dict(steps=s.steps, guidance_scale=1.0 if v["cfg"] == "off" else 5.0,
                       cfg_mode="batched" if v["cfg"] == "off" else v["cfg"], preview=v["preview"],
                       height=self.image[0], width=self.image[1])
         prompts = self._prompts()
-        try:
+        # a scope, not the shared pipeline's defaults: the variant holds for these runs only
+        with backends.use(attention=v["attention"], precision=v["precision"]):
             started = perf_counter()
             self._imagine(prompts[0], 0, kwargs)  # warm-up: FLOP counting and one-off set-up
             warmup_ms = (perf_counter() - started) * 1e3
@@ -195,8 +195,6 @@ class DiffusionBench:
                     if v.get("paired"):
                         off.append(self._imagine(prompt, i + 1, dict(kwargs, **v["paired"])))
                     runs.append(self._imagine(prompt, i + 1, kwargs))
-        finally:
-            pipe.attention, pipe.precision = None, None
         steps_ms = [ms for r in runs for ms in r["step_ms"]]
         step_ms, step_min, step_max = median_spread(steps_ms)
         flops = runs[0]["step_flops"]

@@ -234,15 +234,14 @@ class LLMBench:
 
     def _decode_row(self, v: dict, base: dict) -> dict:
         s, llm = self.settings, self.llm
-        llm.attention, llm.precision = v["attention"], v["precision"]
+        # fast_path passed either way: None would turn it on wherever it helps, under a label saying "off"
         kwargs = dict(max_new_tokens=s.new_tokens, use_cache=v["cache"], top_logprobs=v["top_logprobs"],
-                      speculative=v["speculative"], draft=self._draft(v["speculative"]))
-        if v["fast_path"]:
-            kwargs["fast_path"] = True
+                      speculative=v["speculative"], draft=self._draft(v["speculative"]), fast_path=v["fast_path"])
         prompts = self._prompts()
         # --quick warms up on two new tokens: prefill and decode have run once, which is what warm-up is for
         warm = dict(kwargs, max_new_tokens=min(2, s.new_tokens)) if s.quick else kwargs
-        try:
+        # a scope, not the shared pipeline's defaults: the variant holds for these runs only
+        with backends.use(attention=v["attention"], precision=v["precision"]):
             started = perf_counter()
             for prompt in prompts[: s.warmup]:
                 self._generate(prompt, warm)
@@ -253,8 +252,6 @@ class LLMBench:
                     if v.get("paired"):
                         off.append(self._generate(prompt, dict(kwargs, **v["paired"])))
                     runs.append(self._generate(prompt, kwargs))
-        finally:
-            llm.attention, llm.precision = None, None
         ceilings, dtype = self.results.ceilings, peak_key(v["precision"], self._dtype())
         ttft, _, _ = median_spread([r["ttft_ms"] for r in runs])
         tok_s, tok_s_min, tok_s_max = median_spread([r["decode_tok_s"] for r in runs])
