@@ -10,12 +10,9 @@ import threading
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DiTTransformer2DModel
-from test_latent_diffusion import SIZE, ours, tiny_sd_components, tiny_vae
-from tiny_llms import byte_tokenizer, tiny_llm
+from tiny_models import SIZE, generate_image, studio_pipeline, tiny_dit_components, tiny_llm, tiny_sd_components
 from transformers import DynamicCache
 
-from pipelines import LatentDiffusionPipeline
 from pipelines.fast_decode import (
     MIN_CACHE_LENGTH,
     CapturedStep,
@@ -33,11 +30,6 @@ from studio.integrations.diffusers import StudioAttnProcessor
 PROMPT = "The cat sat on the mat. The cat sat"
 PROMPTS = [PROMPT, "A dog", "Once upon a time there"]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph path needs a CUDA GPU")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return byte_tokenizer()
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -280,53 +272,39 @@ def test_cuda_bf16_graph_decode_stays_close_to_the_plain_loop(tokenizer):
 # The diffusion lane
 
 
-def generate(pipe, **kwargs):
-    settings = {"steps": 3, "guidance_scale": 5.0, "seed": 0, "height": SIZE, "width": SIZE}
-    return pipe("a red apple", **{**settings, **kwargs})
-
-
 def test_diffusion_fast_path_keeps_the_image_and_the_studio_attention():
-    plain = generate(ours(tiny_sd_components()))
-    pipe = ours(tiny_sd_components(), fast_path=True)  # the same seeded weights, then laid out for speed
+    plain = generate_image(studio_pipeline(tiny_sd_components()))
+    pipe = studio_pipeline(tiny_sd_components(), fast_path=True)  # the same seeded weights, then laid out for speed
     report = pipe.fast_path_report
     assert report.channels_last == ["denoiser", "vae"] and report.fused_attention["denoiser"] > 0
     assert pipe.denoiser.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     attentions = [m for m in pipe.denoiser.modules() if hasattr(m, "fused_projections")]
     assert all(m.fused_projections and isinstance(m.processor, StudioAttnProcessor) for m in attentions)
-    fast = generate(pipe)
+    fast = generate_image(pipe)
     np.testing.assert_allclose(fast.pixels, plain.pixels, atol=1e-4)
     with backends.use(attention="eager"):  # the kernel choice still reaches the fused layers
-        np.testing.assert_allclose(generate(pipe).pixels, plain.pixels, atol=1e-4)
+        np.testing.assert_allclose(generate_image(pipe).pixels, plain.pixels, atol=1e-4)
     # the separate projections are kept but not read: the weight bytes are those of the plain path
-    assert pipe.weight_bytes == ours(tiny_sd_components()).weight_bytes
+    assert pipe.weight_bytes == studio_pipeline(tiny_sd_components()).weight_bytes
     assert warm_up(pipe, height=SIZE, width=SIZE) == pipe.fast_path_report.compile_s > 0
 
 
 def test_diffusion_fast_path_on_a_class_conditioned_dit():
-    def dit():
-        torch.manual_seed(0)
-        transformer = DiTTransformer2DModel(
-            sample_size=16, num_layers=2, patch_size=4, attention_head_dim=8, num_attention_heads=2, in_channels=4,
-            out_channels=8, attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
-            norm_type="ada_norm_zero", norm_elementwise_affine=False,
-        ).eval()
-        return transformer, tiny_vae(), DDIMScheduler()
-
-    plain = LatentDiffusionPipeline(*dit(), class_ids={"goldfish": 1})("goldfish", steps=3, guidance_scale=4.0)
-    pipe = LatentDiffusionPipeline(*dit(), class_ids={"goldfish": 1}, fast_path=True)
+    plain = studio_pipeline(tiny_dit_components(), class_ids={"goldfish": 1})("goldfish", steps=3, guidance_scale=4.0)
+    pipe = studio_pipeline(tiny_dit_components(), class_ids={"goldfish": 1}, fast_path=True)
     assert pipe.fast_path_report.fused_attention["denoiser"] == 2
     np.testing.assert_allclose(pipe("goldfish", steps=3, guidance_scale=4.0).pixels, plain.pixels, atol=1e-4)
 
 
 def test_diffusion_precision_reaches_the_fused_layers():
-    pipe = ours(tiny_sd_components(), precision="bf16")
+    pipe = studio_pipeline(tiny_sd_components(), precision="bf16")
     enable_fast_path(pipe)
     fused = [m.to_qkv for m in pipe.denoiser.modules() if getattr(m, "to_qkv", None) is not None]
     assert fused and all(isinstance(layer, PrecisionLinear) and layer.precision == "bf16" for layer in fused)
 
 
 def test_diffusion_fast_path_is_off_by_default_on_the_cpu():
-    assert ours(tiny_sd_components()).fast_path_report is None
+    assert studio_pipeline(tiny_sd_components()).fast_path_report is None
 
 
 @cuda
@@ -334,11 +312,11 @@ def test_cuda_diffusion_fast_path_with_compile_stays_within_tolerance():
     def pipe(**kwargs):
         parts = tiny_sd_components()
         parts = {k: v.to("cuda", torch.float16) if isinstance(v, torch.nn.Module) else v for k, v in parts.items()}
-        return ours(parts, **kwargs)
+        return studio_pipeline(parts, **kwargs)
 
-    plain = generate(pipe(fast_path=False))
+    plain = generate_image(pipe(fast_path=False))
     fast_pipe = pipe()  # None: on for CUDA
     enable_fast_path(fast_pipe, compile=True, mode="default")  # no autotuning: a test, not a benchmark
     seconds = warm_up(fast_pipe, height=SIZE, width=SIZE, guidance_scale=5.0)
     assert fast_pipe.fast_path_report.compile_s == seconds > 0
-    np.testing.assert_allclose(generate(fast_pipe).pixels, plain.pixels, atol=2e-2)
+    np.testing.assert_allclose(generate_image(fast_pipe).pixels, plain.pixels, atol=2e-2)

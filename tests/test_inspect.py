@@ -1,9 +1,7 @@
 """The inspector: what a config.json predicts, checked exactly against real tiny models and the lanes' events."""
 
 import pytest
-import torch
-from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel
-from tiny_llms import byte_tokenizer, tiny_llm
+from tiny_models import LLM_FAMILIES, byte_tokenizer, tiny_dit, tiny_llm, tiny_pixart, tiny_unet
 
 from pipelines.text_generation import TextGenerationPipeline
 from studio import inspector
@@ -13,7 +11,7 @@ from studio.profiling import known_devices
 PROMPT = "The cat sat on the mat."
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("family", LLM_FAMILIES)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_llm_parameters_and_bytes_equal_a_real_tiny_model(family, dtype):
     model = tiny_llm(family).to(inspector.TORCH_DTYPES[dtype])
@@ -22,30 +20,14 @@ def test_llm_parameters_and_bytes_equal_a_real_tiny_model(family, dtype):
     assert analysis.weight_bytes[dtype] == sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def tiny_unet():
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, norm_num_groups=32,
-    )
+DENOISERS = {
+    "unet": lambda: tiny_unet(layers_per_block=1, sample_size=8),
+    "dit": lambda: tiny_dit(sample_size=8, patch_size=2, head_dim=16, classes=10),
+    "pixart": tiny_pixart,
+}
 
 
-def tiny_dit():
-    return DiTTransformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=2,
-        attention_head_dim=16, num_embeds_ada_norm=10, norm_type="ada_norm_zero",
-    )
-
-
-def tiny_pixart():
-    return PixArtTransformer2DModel(
-        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
-        in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
-    )
-
-
-@pytest.mark.parametrize("make", [tiny_unet, tiny_dit, tiny_pixart], ids=["unet", "dit", "pixart"])
+@pytest.mark.parametrize("make", list(DENOISERS.values()), ids=list(DENOISERS))
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_denoiser_parameters_and_bytes_equal_a_real_tiny_model(make, dtype):
     model = make().to(inspector.TORCH_DTYPES[dtype])

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from tiny_models import LLM_FAMILIES, plain_llm, tiny_dit, tiny_pixart, tiny_t5_encoder, tiny_unet, tiny_vae
 
 from studio import backends
 from studio.integrations import diffusers as studio_diffusers
@@ -15,18 +14,6 @@ BACKENDS = [
     b.name for b in backends.available(CPU, torch.float32) if b.kind == "attention" and b.available and b.name != "flex"
 ]
 
-LLMS = {
-    "llama": lambda: LlamaForCausalLM(
-        LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    ),
-    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128)),
-    "qwen2": lambda: Qwen2ForCausalLM(
-        Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    ),
-}
-
 
 def greedy(model, input_ids, attention_mask):
     return model.generate(
@@ -35,10 +22,9 @@ def greedy(model, input_ids, attention_mask):
     )
 
 
-@pytest.fixture(scope="module", params=list(LLMS))
+@pytest.fixture(scope="module", params=LLM_FAMILIES)
 def llm_and_expected(request):
-    torch.manual_seed(0)
-    model = LLMS[request.param]().eval()
+    model = plain_llm(request.param)  # seeded: the prompts below draw from the generator after it
     model.set_attn_implementation("eager")  # the library's own textbook attention: the reference
     prompts = torch.randint(1, 128, (2, 9))
     mask = torch.ones_like(prompts)
@@ -63,8 +49,7 @@ def test_greedy_generate_is_unchanged_by_each_backend(llm_and_expected, name):
 
 
 def test_a_loaded_model_switches_backend_without_reloading():
-    torch.manual_seed(0)
-    model = LLMS["llama"]().eval()
+    model = plain_llm("llama")
     studio_transformers.use_studio_attention(model)
     ids = torch.randint(1, 128, (1, 6))
     with torch.no_grad():
@@ -79,10 +64,8 @@ def test_a_loaded_model_switches_backend_without_reloading():
 
 def test_t5_position_bias_reaches_the_backend():
     """T5 adds a learned relative-position bias to its scores; dropping it changes the embeddings."""
-    from transformers import T5Config, T5EncoderModel
-
     torch.manual_seed(0)
-    model = T5EncoderModel(T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)).eval()
+    model = tiny_t5_encoder(vocab=100, buckets=32)
     model.set_attn_implementation("eager")
     ids = torch.randint(0, 100, (2, 7))
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
@@ -98,8 +81,7 @@ def test_t5_position_bias_reaches_the_backend():
 
 def test_padding_mask_reaches_the_backend():
     """Without the mask registration transformers would build no mask and padding would leak."""
-    torch.manual_seed(0)
-    model = LLMS["llama"]().eval()
+    model = plain_llm("llama")
     studio_transformers.use_studio_attention(model)
     ids = torch.randint(1, 128, (1, 6))
     with torch.no_grad():
@@ -112,35 +94,12 @@ def test_padding_mask_reaches_the_backend():
 # diffusers models, built tiny as diffusers' own tests build them
 
 
-def tiny_unet():
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, norm_num_groups=32,
-    )
-
-
 def unet_inputs():
     return dict(sample=torch.randn(2, 4, 16, 16), timestep=torch.tensor(10), encoder_hidden_states=torch.randn(2, 7, 32))
 
 
-def tiny_dit():
-    return DiTTransformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=2,
-        attention_head_dim=16, num_embeds_ada_norm=10, norm_type="ada_norm_zero",
-    )
-
-
 def dit_inputs():
     return dict(hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.tensor([3, 3]), class_labels=torch.tensor([1, 9]))
-
-
-def tiny_pixart():
-    return PixArtTransformer2DModel(
-        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
-        in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
-    )
 
 
 def pixart_inputs():
@@ -151,20 +110,13 @@ def pixart_inputs():
     )
 
 
-def tiny_vae():
-    return AutoencoderKL(
-        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    )
-
-
 def vae_inputs():
     return dict(sample=torch.randn(1, 3, 16, 16))
 
 
 DENOISERS = {
-    "unet": (tiny_unet, unet_inputs),
-    "dit": (tiny_dit, dit_inputs),
+    "unet": (lambda: tiny_unet(sample_size=16), unet_inputs),
+    "dit": (lambda: tiny_dit(sample_size=8, patch_size=2, head_dim=16, classes=10), dit_inputs),
     "pixart": (tiny_pixart, pixart_inputs),
     "vae": (tiny_vae, vae_inputs),
 }
@@ -174,7 +126,7 @@ DENOISERS = {
 def diffusers_model_and_expected(request):
     build, make_inputs = DENOISERS[request.param]
     torch.manual_seed(0)
-    model = build().eval()
+    model = build()
     inputs = make_inputs()
     with torch.no_grad():
         expected = model(**inputs).sample
@@ -193,7 +145,7 @@ def test_diffusers_output_is_unchanged_by_each_backend(diffusers_model_and_expec
 
 def test_fused_qkv_projections_give_the_same_unet_output():
     torch.manual_seed(0)
-    model = tiny_unet().eval()
+    model = tiny_unet(sample_size=16)
     inputs = unet_inputs()
     with torch.no_grad():
         expected = model(**inputs).sample

@@ -1,7 +1,7 @@
 """The diffusion lane: our loop gives the stock diffusers pipelines' images, and shows its work.
 
-Tiny random models, built as diffusers' own tests build them; the tokenizers are built in code,
-so nothing is downloaded.
+Tiny random models (tests/tiny_models.py), built as diffusers' own tests build them; the
+tokenizers are built in code, so nothing is downloaded.
 """
 
 import threading
@@ -11,21 +11,25 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
     DiTPipeline,
-    DiTTransformer2DModel,
     EulerDiscreteScheduler,
     PixArtAlphaPipeline,
-    PixArtTransformer2DModel,
     StableDiffusionImg2ImgPipeline,
-    StableDiffusionPipeline,
     UNet2DConditionModel,
 )
 from diffusers.models.attention_processor import Attention
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
-from transformers.convert_slow_tokenizer import bytes_to_unicode
+from tiny_models import (
+    SIZE,
+    generate_image,
+    sd_scheduler,
+    stock_sd,
+    studio_pipeline,
+    tiny_dit_components,
+    tiny_pixart_components,
+    tiny_sd_components,
+    tiny_vae,
+)
 
 from pipelines import LatentDiffusionPipeline
 from pipelines.latent_diffusion import SCHEDULERS, predicted_x0
@@ -41,65 +45,6 @@ from studio import backends
 from studio.integrations.diffusers import StudioAttnProcessor
 from studio.loading import LoadError
 
-SIZE = 32  # pixels: 16 x 16 latents through the tiny VAE (factor 2)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tiny components
-
-
-def tiny_vae():
-    return AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=32,
-    )
-
-
-def clip_tokenizer():
-    """A byte-level CLIP tokenizer with no merges: every character is a token."""
-    vocab = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2}
-    for char in bytes_to_unicode().values():
-        for token in (char, char + "</w>"):
-            vocab.setdefault(token, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-
-
-def sd_scheduler():
-    # steps_offset=1 as Stable Diffusion ships it: the stock pipeline rewrites any other value
-    return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-        steps_offset=1,
-    )
-
-
-def tiny_sd_components():
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, norm_num_groups=32,
-    )
-    vae = tiny_vae()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
-            num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=1000,
-        )
-    )
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), scheduler=sd_scheduler())
-
-
-def stock_sd(parts):
-    pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def ours(parts, **kwargs):
-    return LatentDiffusionPipeline(
-        parts["unet"], parts["vae"], parts["scheduler"], parts["text_encoder"], parts["tokenizer"], **kwargs
-    )
-
 
 @pytest.fixture(scope="module")
 def sd_parts():
@@ -108,7 +53,7 @@ def sd_parts():
 
 @pytest.fixture(scope="module")
 def sd(sd_parts):
-    return ours(sd_parts)
+    return studio_pipeline(sd_parts)
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +75,6 @@ def denoiser_counter(model):
     return seen, model.register_forward_hook(hook)
 
 
-def generate(pipe, prompt="a red apple", **kwargs):
-    return pipe(prompt, **{"steps": 3, "guidance_scale": 5.0, "seed": 0, "height": SIZE, "width": SIZE, **kwargs})
-
-
 # ---------------------------------------------------------------------------------------------
 # The same images as the stock pipelines
 
@@ -143,7 +84,7 @@ def test_matches_stock_stable_diffusion_pipeline(sd_parts, sd):
         "a red apple", num_inference_steps=3, guidance_scale=5.0, height=SIZE, width=SIZE, output_type="np",
         generator=torch.Generator("cpu").manual_seed(0),
     ).images[0]
-    got = generate(sd)
+    got = generate_image(sd)
     assert got.pixels.shape == (SIZE, SIZE, 3)
     assert expected.std() > 0.05  # a real picture to compare, not a flat one
     np.testing.assert_allclose(got.pixels, expected, atol=1e-4)
@@ -172,14 +113,8 @@ def test_img2img_matches_stock_img2img_pipeline(sd_parts, sd):
 
 @pytest.fixture(scope="module")
 def dit_stock():
-    torch.manual_seed(0)
-    transformer = DiTTransformer2DModel(
-        sample_size=16, num_layers=2, patch_size=4, attention_head_dim=8, num_attention_heads=2, in_channels=4,
-        out_channels=8, attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
-        norm_type="ada_norm_zero", norm_elementwise_affine=False,
-    ).eval()  # as from_pretrained gives it: in training mode DiT drops class labels at random
     id2label = {0: "tench, Tinca tinca", 1: "goldfish, Carassius auratus", 2: "great white shark"}
-    pipe = DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=DDIMScheduler(), id2label=id2label)
+    pipe = DiTPipeline(**tiny_dit_components(), id2label=id2label)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -201,28 +136,8 @@ def test_matches_stock_dit_pipeline_with_class_names_as_prompts(dit_stock):
     assert pipe("", steps=2).pixels.shape == (SIZE, SIZE, 3)  # unconditional
 
 
-def t5_tokenizer():
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
-    pieces += [(char, -2.0) for char in "abcdefghijklmnopqrstuvwxyz"] + [("▁" + char, -1.5) for char in "aeiou"]
-    return T5Tokenizer(vocab=pieces, extra_ids=0)
-
-
 def test_matches_stock_pixart_pipeline():
-    torch.manual_seed(0)
-    transformer = PixArtTransformer2DModel(
-        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
-        in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
-    )
-    text_encoder = T5EncoderModel(
-        T5Config(
-            vocab_size=40, d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4, relative_attention_num_buckets=8
-        )
-    ).eval()  # as from_pretrained gives it: T5's dropout is on in training mode
-    parts = dict(
-        transformer=transformer, vae=tiny_vae(), text_encoder=text_encoder, tokenizer=t5_tokenizer(),
-        scheduler=DDIMScheduler(),
-    )
+    parts = tiny_pixart_components()
     stock = PixArtAlphaPipeline(**parts)
     stock.set_progress_bar_config(disable=True)
     # PixArt lower-cases prompts (clean_caption=False still does): a lower-case prompt is the same text
@@ -230,10 +145,7 @@ def test_matches_stock_pixart_pipeline():
         "a red apple", negative_prompt="", num_inference_steps=3, guidance_scale=4.5, output_type="np",
         generator=torch.Generator("cpu").manual_seed(0), use_resolution_binning=False, clean_caption=False,
     ).images[0]
-    pipe = LatentDiffusionPipeline(
-        transformer, parts["vae"], parts["scheduler"], text_encoder, parts["tokenizer"]
-    )
-    got = pipe("a red apple", steps=3, guidance_scale=4.5, seed=0)
+    got = studio_pipeline(parts)("a red apple", steps=3, guidance_scale=4.5, seed=0)
     np.testing.assert_allclose(got.pixels, expected, atol=1e-4)
     assert got.steps[0].shapes["text_embeddings"] == (2, 120, 32)  # PixArt-alpha's 120 prompt tokens
 
@@ -245,9 +157,9 @@ def test_matches_stock_pixart_pipeline():
 def test_batched_and_sequential_cfg_agree(sd):
     seen, hook = denoiser_counter(sd.denoiser)
     try:
-        batched = generate(sd, cfg_mode="batched")
+        batched = generate_image(sd, cfg_mode="batched")
         batched_calls = dict(seen)
-        sequential = generate(sd, cfg_mode="sequential")
+        sequential = generate_image(sd, cfg_mode="sequential")
     finally:
         hook.remove()
     np.testing.assert_allclose(sequential.pixels, batched.pixels, atol=1e-5)
@@ -282,7 +194,7 @@ def test_fifty_steps_with_cfg_are_a_hundred_forward_passes(sd):
 def test_guidance_one_makes_one_pass_per_step(sd):
     seen, hook = denoiser_counter(sd.denoiser)
     try:
-        result = generate(sd, guidance_scale=1.0)
+        result = generate_image(sd, guidance_scale=1.0)
     finally:
         hook.remove()
     assert seen == {"calls": 3, "rows": 3}
@@ -292,7 +204,7 @@ def test_guidance_one_makes_one_pass_per_step(sd):
 
 
 def test_empty_prompt_is_allowed(sd):
-    result = generate(sd, prompt="")
+    result = generate_image(sd, prompt="")
     assert np.isfinite(result.pixels).all()
 
 
@@ -301,7 +213,7 @@ def test_empty_prompt_is_allowed(sd):
 
 
 def test_every_step_reports_timestep_sigma_time_work_and_shapes(sd):
-    result = generate(sd, scheduler="euler")
+    result = generate_image(sd, scheduler="euler")
     assert [s.phase for s in result.steps] == ["encode", "denoise", "denoise", "denoise", "decode"]
     encode, *denoised, decode = result.steps
     assert encode.shapes == {"token_ids": (2, 77), "text_embeddings": (2, 77, 32)}
@@ -331,7 +243,7 @@ def test_every_step_reports_timestep_sigma_time_work_and_shapes(sd):
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_every_scheduler_runs(sd, name):
-    result = generate(sd, scheduler=name)
+    result = generate_image(sd, scheduler=name)
     denoised = [s for s in result.steps if s.phase == "denoise"]
     assert np.isfinite(result.pixels).all() and result.pixels.std() > 0
     assert len(denoised) == result.steps[-1].total >= 3
@@ -351,8 +263,8 @@ def test_x0_formula_matches_the_scheduler_that_reports_it():
 
 def test_previews_do_not_change_the_final_image(sd):
     # euler-ancestral draws fresh noise every step: a preview that touched the generator would show
-    plain = generate(sd, scheduler="euler-ancestral", preview=None)
-    previewed = generate(sd, scheduler="euler-ancestral", preview="linear", vae_preview_every=2)
+    plain = generate_image(sd, scheduler="euler-ancestral", preview=None)
+    previewed = generate_image(sd, scheduler="euler-ancestral", preview="linear", vae_preview_every=2)
     assert np.array_equal(plain.pixels, previewed.pixels)
     kinds = [s.preview_kind for s in previewed.steps if s.phase == "denoise"]
     assert kinds == ["linear", "vae", "linear"]
@@ -373,19 +285,19 @@ def test_attention_backends_reach_every_model_and_switch_at_run_time(sd_parts, s
         assert processors and all(isinstance(p, StudioAttnProcessor) for p in processors)
     assert sd.text_encoder.config._attn_implementation == "studio"
     small = dict(steps=2, height=16, width=16)
-    reference = generate(sd, **small)
-    eager = ours(sd_parts, attention="eager")
-    np.testing.assert_allclose(generate(eager, **small).pixels, reference.pixels, atol=1e-5)
+    reference = generate_image(sd, **small)
+    eager = studio_pipeline(sd_parts, attention="eager")
+    np.testing.assert_allclose(generate_image(eager, **small).pixels, reference.pixels, atol=1e-5)
     with backends.use(attention="tiled"):
-        np.testing.assert_allclose(generate(sd, **small).pixels, reference.pixels, atol=1e-5)
+        np.testing.assert_allclose(generate_image(sd, **small).pixels, reference.pixels, atol=1e-5)
 
 
 def test_precision_scope_converts_and_restores(sd):
-    fp32 = generate(sd)
+    fp32 = generate_image(sd)
     with backends.use(precision="bf16"):
-        bf16 = generate(sd)
+        bf16 = generate_image(sd)
     assert backends.precision_of(sd.denoiser) == "bf16"
-    again = generate(sd)  # outside the scope: the original layers are back
+    again = generate_image(sd)  # outside the scope: the original layers are back
     assert backends.precision_of(sd.denoiser) is None
     step = lambda result: next(s for s in result.steps if s.phase == "denoise")  # noqa: E731
     assert step(bf16).bytes < step(fp32).bytes  # half the bytes for every linear weight
@@ -408,11 +320,11 @@ def test_stop_event_ends_early_with_the_last_x0_prediction(sd):
 
 
 def test_a_closed_stream_leaves_the_pipeline_usable(sd):
-    expected = generate(sd)
+    expected = generate_image(sd)
     stream = sd.stream("a red apple", steps=3, seed=0, height=SIZE, width=SIZE)
     next(stream), next(stream)
     stream.close()
-    np.testing.assert_array_equal(generate(sd).pixels, expected.pixels)
+    np.testing.assert_array_equal(generate_image(sd).pixels, expected.pixels)
 
 
 BAD_INPUTS = [
@@ -444,10 +356,10 @@ def test_bad_input_gets_a_clear_error(sd, kwargs, message):
 
 
 def test_the_pipeline_stays_usable_after_bad_input(sd):
-    expected = generate(sd)
+    expected = generate_image(sd)
     with pytest.raises(ValueError):
-        generate(sd, steps=-3)
-    np.testing.assert_array_equal(generate(sd).pixels, expected.pixels)
+        generate_image(sd, steps=-3)
+    np.testing.assert_array_equal(generate_image(sd).pixels, expected.pixels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,7 +370,7 @@ def test_from_pretrained_loads_a_saved_pipeline(saved_sd):
     folder, parts = saved_sd
     loaded = LatentDiffusionPipeline.from_pretrained(str(folder))
     assert isinstance(loaded.denoiser, UNet2DConditionModel) and loaded.dtype == torch.float32
-    np.testing.assert_allclose(generate(loaded).pixels, generate(ours(parts)).pixels, atol=1e-5)
+    np.testing.assert_allclose(generate_image(loaded).pixels, generate_image(studio_pipeline(parts)).pixels, atol=1e-5)
     with_euler = LatentDiffusionPipeline.from_pretrained(str(folder), scheduler="euler")
     assert isinstance(with_euler.scheduler, EulerDiscreteScheduler)
 
@@ -522,9 +434,9 @@ def test_published_factors_are_chosen_by_vae_family():
 
 
 def test_a_tiny_vae_gets_fitted_preview_factors(sd_parts):
-    pipe = ours(sd_parts)
+    pipe = studio_pipeline(sd_parts)
     assert pipe.preview_factors is None
-    generate(pipe, steps=1)
+    generate_image(pipe, steps=1)
     assert pipe.preview_factors.channels == 4 and "fitted" in pipe.preview_factors.source
 
 

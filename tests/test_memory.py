@@ -2,9 +2,7 @@
 
 import gc
 
-import torch
-from tiny_llms import byte_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import byte_tokenizer, tiny_llm
 
 from pipelines.text_generation import TextGenerationPipeline
 from studio.bench import malloc_trim, rss_bytes
@@ -18,11 +16,8 @@ def resident() -> int:
 
 def test_fifty_generations_some_stopped_midway_leave_no_leak():
     # big enough that a leaked KV cache (about 3 MB a run) would show: 50 of them are 150 MB
-    config = LlamaConfig(vocab_size=258, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                         eos_token_id=256, pad_token_id=257)
-    torch.manual_seed(0)
-    llm = TextGenerationPipeline(LlamaForCausalLM(config), byte_tokenizer())
+    model = tiny_llm("llama", layers=8, hidden=256, kv_heads=4, positions=512, sharpen=False)
+    llm = TextGenerationPipeline(model, byte_tokenizer())
     prompt = "The cat sat on the mat. " * 6
     for _ in range(3):  # allocator and caches warm up on the first runs
         llm(prompt, max_new_tokens=24)

@@ -4,6 +4,7 @@ bit, and safe on real transformers and diffusers models (tied weights included).
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import plain_llm, tiny_unet
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -65,39 +66,6 @@ def small_mlp():
         nn.Sequential(nn.Linear(128, 128), nn.SiLU()),
         nn.Linear(128, 64, bias=False),
     )
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_unet():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=32,
-    ).eval()
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -310,7 +278,7 @@ def test_fp32_matmul_mode_is_set_only_during_the_layers_matmul(name, during):
 
 
 def test_llama_runs_in_int8_with_its_tied_embedding_untouched():
-    model = tiny_llama()
+    model = plain_llm("llama", tie_word_embeddings=True)
     embedding = model.model.embed_tokens.weight
     assert model.lm_head.weight is embedding  # tied
     saved = embedding.detach().clone()
@@ -335,6 +303,7 @@ def test_llama_runs_in_int8_with_its_tied_embedding_untouched():
 
 @pytest.mark.parametrize("name", ["bf16", "int8"])
 def test_unet_runs_within_tolerance(name):
+    torch.manual_seed(0)
     model = tiny_unet()
     generator = torch.Generator().manual_seed(0)
     sample = torch.randn(1, 4, 32, 32, generator=generator)

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from tiny_llms import byte_tokenizer, tiny_llm
+from tiny_models import byte_tokenizer, tiny_llm
 
 from pipelines.remote import RemoteError, RemoteTextGeneration, remote_from_env
 from pipelines.text_generation import TextGenerationPipeline

@@ -4,22 +4,16 @@ import threading
 
 import pytest
 import torch
-from tiny_llms import byte_tokenizer, tiny_llm
+from tiny_models import LLM_FAMILIES, tiny_llm
 
 from pipelines.sampling import SamplingSettings
 from pipelines.speculative import self_draft_model
 from pipelines.text_generation import TextGenerationPipeline
 
-FAMILIES = ["llama", "gpt2", "qwen2"]
 PROMPT = "The cat sat on the mat. The cat sat"
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return byte_tokenizer()
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=LLM_FAMILIES)
 def llm(request, tokenizer):
     return TextGenerationPipeline(tiny_llm(request.param), tokenizer)
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from tiny_llms import byte_tokenizer, tiny_llm
+from tiny_models import byte_tokenizer, tiny_llm
 
 from pipelines.remote import RemoteTextGeneration
 from pipelines.text_generation import TextGenerationPipeline
