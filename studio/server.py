@@ -17,11 +17,16 @@ the model's raw distribution (before temperature and top-p, as vLLM reports them
 What the lane cannot honour is refused with a 400 rather than silently ignored (vLLM's choice, not
 OpenAI's): `n` or `best_of` above 1, `echo`, `suffix`, `logit_bias`, presence and frequency
 penalties, token-id prompts and any field this module does not know (tools, response_format...).
-`user` is accepted and ignored: it only labels the caller.
+`user` is accepted and ignored: it only labels the caller. Types are strict ("8", true or 2.0 is no
+token count), and what Python's JSON reader takes beyond JSON is refused: NaN and Infinity, nesting
+deeper than MAX_JSON_DEPTH, integers too long to convert, lone surrogates ("\\ud800"). Every refusal
+is a 400 on a connection that stays open; a bug is a 500 in the same shape, the connection open too.
 
 Generation runs in a worker thread, apart from the client that asked for it: one request at a
 time per model, its events buffered per request. The event loop keeps answering while a model
-works, and a client that reads slowly holds only its own buffer, never the model.
+works, and a client that reads slowly holds only its own buffer, never the model. A client that
+leaves stops its generation (after the current step), whether it was reading a stream, waiting for
+a whole answer or still queued for the model; a queued one never starts.
 
 Depends on FastAPI (with starlette and pydantic) and the studio core. Like the CLI it sits above
 the lanes: it imports the LLM lane only to load a model by name. Never imports Gradio.
@@ -30,8 +35,10 @@ the lanes: it imports the LLM lane only to load a model by name. Never imports G
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
+import logging
 import math
 import secrets
 import threading
@@ -44,6 +51,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
@@ -65,7 +74,9 @@ StopString = Annotated[str, Field(min_length=1)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # an unknown field is a parameter we would ignore: refuse it
+    # An unknown field is a parameter we would ignore: refuse it. Strict types: "8", true or 2.0 is
+    # not a token count, "yes" not a boolean. Infinite numbers (1e999) are no setting either.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -139,28 +150,125 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
+MAX_JSON_DEPTH = 32  # no request nests deeper than 6 levels; far deeper is an attack or a mistake
+TOO_DEEP = f"the request body nests deeper than {MAX_JSON_DEPTH} levels"
+
+# A field that takes one of several types: pydantic reports each alternative's failure, so the
+# answer says what the field takes instead.
+UNION_FIELDS = {
+    "prompt": "a string or a non-empty list of strings (token-id prompts are not supported)",
+    "stop": "a non-empty string or a list of non-empty strings",
+    "content": 'a string or a list of text parts ({"type": "text", "text": ...}); only text is supported',
+}
+
+
+class _InvalidJSON(ValueError):
+    pass
+
+
+def _refuse_constant(name: str):
+    raise _InvalidJSON(f"{name} is not a JSON number")
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:  # Python's guard against slow conversions: over 4,300 digits
+        raise _InvalidJSON(f"a number has {len(text.lstrip('-'))} digits, too many to read") from None
+
+
+def load_json(raw: bytes) -> object:
+    """The request body as JSON, or a 400 that says why not. Python's reader takes more than JSON
+    allows: NaN and Infinity are refused here, and so are integers too long to convert and nesting
+    deeper than MAX_JSON_DEPTH (either would otherwise fail deep inside the server as a 500)."""
+    try:
+        data = json.loads(raw, parse_constant=_refuse_constant, parse_int=_parse_int)
+    except (json.JSONDecodeError, UnicodeDecodeError, _InvalidJSON) as error:
+        raise APIError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
+    except RecursionError:  # Python's reader gives up near 1,000 levels
+        raise APIError(400, TOO_DEEP, code="invalid_json") from None
+    _check_values(data)
+    return data
+
+
+def _check_values(data) -> None:
+    """Refuse nesting deeper than MAX_JSON_DEPTH, and strings that are not Unicode text: JSON's
+    escape "\\ud800" reads as a lone surrogate, half of a character, which no tokenizer can take
+    and no answer can be encoded with. A loop, not recursion: the depth is the attacker's to choose."""
+    stack = [(data, [])]
+    while stack:
+        value, where = stack.pop()
+        if len(where) > MAX_JSON_DEPTH:
+            raise APIError(400, TOO_DEEP, code="invalid_json")
+        if isinstance(value, str):
+            _check_string(value, where)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _check_string(key, where, key=True)
+                stack.append((item, [*where, key]))
+        elif isinstance(value, list):
+            stack.extend((item, [*where, i]) for i, item in enumerate(value))
+
+
+def _check_string(text: str, where: list, key: bool = False) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        what = "a field name" if key else "the text"
+        at = f"{_path(where)}: " if where else ""
+        raise APIError(
+            400, f"{at}{what} holds a lone surrogate (U+{ord(text[error.start]):04X} at character {error.start}), "
+            "half of a character, which is not valid Unicode; send characters beyond U+FFFF as a surrogate pair "
+            "or as UTF-8", param=str(where[0]) if where else None, code="invalid_unicode",
+        ) from None
+
+
+def _path(loc) -> str:
+    """A place in the request as a client writes it: messages[0].content."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
 def parse_request(model: type[BaseModel], raw: bytes) -> BaseModel:
     """The JSON body as `model`, whatever the Content-Type says (curl -d sends a form type)."""
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise APIError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
+    data = load_json(raw)
     try:
         request = model.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        param = str(first["loc"][0]) if first["loc"] else None  # the request's field, as OpenAI names it
-        if first["type"] == "extra_forbidden":
-            raise APIError(400, f"unsupported parameter: {param!r} is not supported by this server",
-                           param=param, code="unsupported_parameter") from None
-        where = ".".join(str(part) for part in first["loc"])  # down to the item, e.g. messages.0.role
-        raise APIError(400, f"{where}: {first['msg']}" if where else first["msg"], param=param) from None
+        raise _validation_error(error) from None
     for param, neutral in NEUTRAL_VALUES.items():
         value = getattr(request, param, neutral)
         if value != neutral and value != {}:
             raise APIError(400, f"unsupported parameter: {param}={value!r}; this server supports only {neutral!r}",
                            param=param, code="unsupported_parameter")
+    if request.stream_options is not None and not request.stream:
+        raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
     return request
+
+
+def _validation_error(error: ValidationError) -> APIError:
+    """pydantic's first complaint as OpenAI's error: param is the request's field, as OpenAI names
+    it; the message says where inside it (messages[0].role)."""
+    first = error.errors()[0]
+    loc = list(first["loc"])
+    param = str(loc[0]) if loc else None
+    # pydantic names the alternative of a union it tried (prompt.str, prompt.list[str]): cut there
+    union = next((i for i, part in enumerate(loc)
+                  if isinstance(part, str) and (part == "str" or not part.isidentifier())), None)
+    if union is not None:
+        field = loc[union - 1]
+        return APIError(400, f"{_path(loc[:union])}: expected {UNION_FIELDS.get(field, 'another type')}", param=param)
+    if first["type"] == "extra_forbidden":
+        return APIError(400, f"unsupported parameter: {_path(loc)!r} is not supported by this server",
+                        param=_path(loc), code="unsupported_parameter")
+    if not loc:  # the body itself: a list, a number...
+        return APIError(400, "the request body must be a JSON object")
+    return APIError(400, f"{_path(loc)}: {first['msg']}", param=param)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,9 +492,7 @@ def create_api(models: Mapping[str, object] | None = None) -> FastAPI:
     async def api_error(request: Request, error: APIError):
         return JSONResponse(error.body(), status_code=error.status)
 
-    @api.exception_handler(Exception)
-    async def unexpected_error(request: Request, error: Exception):
-        return JSONResponse(APIError(500, f"internal error: {error}").body(), status_code=500)
+    api.add_middleware(_ContainErrors)
 
     @api.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
@@ -408,9 +514,10 @@ def create_api(models: Mapping[str, object] | None = None) -> FastAPI:
         model = find(body.model)
         pipeline = await model.pipeline()
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        options = sampling_options(body, body.max_tokens or DEFAULT_MAX_TOKENS, body.logprobs or 0)
-        generation = _Generation(model, pipeline, prompts, options)
-        prompt_tokens = await generation.prompt_tokens(len(prompts))
+        max_tokens = fit_context(model, pipeline, prompts, body.max_tokens or DEFAULT_MAX_TOKENS, "prompt")
+        generation = _Generation(model, pipeline, prompts, sampling_options(body, max_tokens, body.logprobs or 0))
+        async with _stop_if_client_leaves(request, generation.stop):
+            prompt_tokens = await generation.prompt_tokens(len(prompts))
         choices = [_Choice(model.tokenizer, body.stops()) for _ in prompts]
         head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
                 "model": model.name}
@@ -428,8 +535,9 @@ def create_api(models: Mapping[str, object] | None = None) -> FastAPI:
 
             return StreamingResponse(_event_stream(generation, chunks, head), media_type="text/event-stream")
 
-        async for event in _collect(generation):
-            choices[event.sequence].add(event)
+        async with _stop_if_client_leaves(request, generation.stop):
+            async for event in _collect(generation):
+                choices[event.sequence].add(event)
         return {
             **head,
             "choices": [
@@ -448,10 +556,11 @@ def create_api(models: Mapping[str, object] | None = None) -> FastAPI:
         model = find(body.model)
         pipeline = await model.pipeline()
         prompt = chat_prompt(model.tokenizer, body.messages)
-        max_tokens = body.max_completion_tokens or body.max_tokens or _rest_of_context(model, pipeline, prompt)
+        max_tokens = fit_context(model, pipeline, [prompt], body.max_completion_tokens or body.max_tokens, "messages")
         options = sampling_options(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else 0)
         generation = _Generation(model, pipeline, prompt, options)
-        prompt_tokens = await generation.prompt_tokens(1)
+        async with _stop_if_client_leaves(request, generation.stop):
+            prompt_tokens = await generation.prompt_tokens(1)
         choice = _Choice(model.tokenizer, body.stops())
         head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": model.name}
 
@@ -471,8 +580,9 @@ def create_api(models: Mapping[str, object] | None = None) -> FastAPI:
 
             return StreamingResponse(_event_stream(generation, chunks, head), media_type="text/event-stream")
 
-        async for event in _collect(generation):
-            choice.add(event)
+        async with _stop_if_client_leaves(request, generation.stop):
+            async for event in _collect(generation):
+                choice.add(event)
         return {
             **head,
             "object": "chat.completion",
@@ -514,14 +624,65 @@ def chat_prompt(tokenizer, messages: list[ChatMessage]) -> str:
     return text
 
 
-def _rest_of_context(model: _ServedModel, pipeline, prompt: str) -> int:
-    """Chat's default max_tokens, as OpenAI and vLLM: whatever the context leaves after the prompt."""
-    if pipeline.context_length is None:
-        return DEFAULT_MAX_TOKENS
-    prompt_tokens = len(model.tokenizer(prompt)["input_ids"])
-    rest = pipeline.context_length - prompt_tokens
-    if rest < 1:
-        raise APIError(400, f"the messages are {prompt_tokens} tokens, which fills the model's context of "
-                       f"{pipeline.context_length} tokens; shorten them", param="messages",
+def fit_context(model: _ServedModel, pipeline, prompts: list[str], max_tokens: int | None, param: str) -> int:
+    """max_tokens, checked against the model's context with the longest prompt; None: the rest of the
+    context after it (chat's default, as OpenAI's and vLLM's). A 400 when they do not fit, with
+    OpenAI's code on both endpoints."""
+    context = getattr(pipeline, "context_length", None)
+    if context is None:
+        return max_tokens or DEFAULT_MAX_TOKENS
+    prompt_tokens = max(len(model.tokenizer(prompt)["input_ids"]) for prompt in prompts)
+    if prompt_tokens + (max_tokens or 1) > context:
+        what = "the prompt" if param == "prompt" else "the messages"
+        asked = f" plus max_tokens ({max_tokens})" if max_tokens else ""
+        raise APIError(400, f"{what} ({prompt_tokens} tokens){asked} exceed the model's context of {context} tokens; "
+                       f"shorten {what}{' or lower max_tokens' if max_tokens else ''}", param=param,
                        code="context_length_exceeded")
-    return rest
+    return max_tokens or context - prompt_tokens
+
+
+@contextlib.asynccontextmanager
+async def _stop_if_client_leaves(request: Request, stop: threading.Event):
+    """While the block waits for the model, a client that disconnects sets `stop`: a queued
+    generation never starts, a running one ends after its current step. (Once a streamed answer
+    has begun, the response's own watch for the disconnect takes over.)"""
+
+    async def watch():
+        # the body has been read: the next message the server has for us is the disconnect
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        stop.set()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
+
+
+class _ContainErrors:
+    """ASGI middleware: an unexpected exception (a bug) becomes a 500 in OpenAI's shape, and the
+    connection stays usable. Left to Starlette, the error is re-raised to the server once the 500
+    is sent, and uvicorn then drops the client's keep-alive connection."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_and_note(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception as error:
+            if started:  # too late for an answer of its own: the server closes the connection
+                raise
+            log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
+            response = JSONResponse(APIError(500, f"internal error: {error}").body(), status_code=500)
+            await response(scope, receive, send)

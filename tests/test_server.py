@@ -1,16 +1,21 @@
 """The OpenAI-compatible API (studio/server.py) and the remote lane (pipelines/remote.py): the
 `openai` client against our endpoint, the remote lane against our endpoint and (opt-in) against
-llama.cpp's server, bad input, and a slow client beside others. A real uvicorn server runs on a
-free local port with tiny random models and the offline byte tokenizer."""
+llama.cpp's server, bad input, and slow or departing clients beside others. A real uvicorn server
+runs on a free local port with tiny random models and the offline byte tokenizer.
+
+Nothing here asserts a wall-clock time: what ran, and in which order, is read from the slow
+model's own count of its forward passes (`Pace`)."""
 
 import asyncio
 import contextlib
 import json
 import math
 import os
+import re
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -24,6 +29,7 @@ from studio.server import create_api
 
 PROMPT = "The cat sat on the mat. The cat sat"
 SLOW_FORWARD_S = 0.05  # the slow model's extra time per forward pass: a long generation in little test time
+DOG = "A dog"  # a prompt of 5 byte tokens, told apart from PROMPT's 35 by its prefill
 
 
 @contextlib.contextmanager
@@ -49,17 +55,56 @@ def broken_loader():
     raise OSError("no weights here")
 
 
+class Buggy:
+    """A pipeline with a bug the server does not expect: reading its context length fails."""
+
+    tokenizer = None
+
+    def stream(self, *args, **kwargs):
+        raise AssertionError("never reached")
+
+    @property
+    def context_length(self):
+        raise RuntimeError("a bug")
+
+
+class Pace:
+    """The slow model's forward pre-hook: every forward pass waits SLOW_FORWARD_S and notes how many
+    positions it ran, so a test reads what ran and in which order: a prefill is its prompt's
+    length in bytes, a decode step 1."""
+
+    def __init__(self):
+        self.lengths: list[int] = []
+
+    def __call__(self, module, args, kwargs):
+        self.lengths.append(kwargs["input_ids"].shape[1])
+        time.sleep(SLOW_FORWARD_S)
+
+    def since(self, start: int) -> tuple[list[int], list[int]]:
+        """The forward passes from `start` on, and the prefills among them (their prompts' lengths)."""
+        passes = self.lengths[start:]
+        return passes, [n for n in passes if n > 1]
+
+
 @pytest.fixture(scope="module")
 def llm():
     return TextGenerationPipeline(tiny_llm("llama"), byte_tokenizer())
 
 
 @pytest.fixture(scope="module")
-def base_url(llm):
+def pace():
+    return Pace()
+
+
+@pytest.fixture(scope="module")
+def base_url(llm, pace):
     slow = TextGenerationPipeline(tiny_llm("llama", seed=1), byte_tokenizer())
-    slow.model.register_forward_pre_hook(lambda *args: time.sleep(SLOW_FORWARD_S))
+    # the counts below mean something only if greedy decoding runs to the token limit
+    assert slow(PROMPT, max_new_tokens=100).finish_reason == "length"
+    slow.model.register_forward_pre_hook(pace, with_kwargs=True)
     lazy = lambda: TextGenerationPipeline(tiny_llm("gpt2"), byte_tokenizer())  # noqa: E731
-    api = create_api({"tiny": llm, "tiny-slow": slow, "tiny-lazy": lazy, "broken": broken_loader})
+    api = create_api({"tiny": llm, "tiny-slow": slow, "tiny-lazy": lazy, "broken": broken_loader,
+                      "buggy": Buggy()})
     with serving(api) as url:
         yield url
 
@@ -165,7 +210,7 @@ def test_chat_completion_matches_the_pipelines_chat(client, llm):
 
 
 def test_models_lists_what_is_served(client):
-    assert {m.id for m in client.models.list()} == {"tiny", "tiny-slow", "tiny-lazy", "broken"}
+    assert {m.id for m in client.models.list()} == {"tiny", "tiny-slow", "tiny-lazy", "broken", "buggy"}
     assert client.models.retrieve("tiny").id == "tiny"
 
 
@@ -189,39 +234,99 @@ def test_curl_without_a_content_type_gets_eight_alternatives(base_url):
 # Bad input: OpenAI's error object, the right status, and the server keeps serving
 
 LONG = "x" * 300  # 300 byte tokens: more than the tiny models' context of 256
+DEEP = "[" * 100_000 + "]" * 100_000
+HUGE_NUMBER = "9" * 4301  # one digit more than Python converts to an int
+SURROGATE = r'"abc \ud800"'  # a lone surrogate: half a character, as JSON can escape it
+CHAT = '"messages": [{"role": "user", "content": "x"}]'
 
 
-@pytest.mark.parametrize(
-    "path, body, status, param, code",
-    [
-        ("/completions", '{"model": "tiny", "prompt": ', 400, None, "invalid_json"),
-        ("/completions", '{"model": "nope", "prompt": "x"}', 404, "model", "model_not_found"),
-        ("/completions", f'{{"model": "tiny", "prompt": "{LONG}"}}', 400, None, None),
-        ("/completions", '{"model": "tiny", "prompt": "x", "n": 2}', 400, "n", "unsupported_parameter"),
-        ("/completions", '{"model": "tiny", "prompt": "x", "echo": true}', 400, "echo", "unsupported_parameter"),
-        ("/completions", '{"model": "tiny", "prompt": "x", "tools": []}', 400, "tools", "unsupported_parameter"),
-        ("/completions", '{"model": "tiny", "prompt": "x", "max_tokens": 0}', 400, "max_tokens", None),
-        ("/completions", '{"model": "tiny", "prompt": "x", "logprobs": 50}', 400, "logprobs", None),
-        ("/completions", '{"model": "tiny", "prompt": [1, 2, 3]}', 400, "prompt", None),
-        ("/completions", '{"model": "tiny", "prompt": "x", "stop": [""]}', 400, "stop", None),
-        ("/completions", '{"model": "broken", "prompt": "x"}', 500, None, "model_load_failed"),
-        ("/chat/completions", '{"model": "tiny", "messages": []}', 400, "messages", None),
-        ("/chat/completions", f'{{"model": "tiny", "messages": [{{"role": "user", "content": "{LONG}"}}]}}',
-         400, "messages", "context_length_exceeded"),
-        ("/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}',
-         400, "top_logprobs", None),
-    ],
-    ids=["malformed-json", "unknown-model", "over-long-prompt", "n", "echo", "unknown-field", "max-tokens-0",
-         "too-many-logprobs", "token-ids", "empty-stop", "model-fails-to-load", "no-messages", "over-long-chat",
-         "top-logprobs-without-logprobs"],
-)
-def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(base_url, path, body, status, param, code):
-    response = httpx.post(base_url + path, content=body, headers={"Content-Type": "application/json"})
-    assert response.status_code == status
-    error = response.json()["error"]
-    assert error["message"] and error["type"] == ("invalid_request_error" if status < 500 else "server_error")
-    assert (error["param"], error["code"]) == (param, code)
-    assert httpx.get(f"{base_url}/models").status_code == 200
+def bad(path, fields, status, param, code=None, says="", id=None):
+    """One bad request: `fields` is the JSON body after the model's name."""
+    return pytest.param(path, f'{{"model": "tiny", {fields}}}', status, param, code, says, id=id)
+
+
+BAD_INPUT = [
+    pytest.param("/completions", '{"model": "tiny", "prompt": ', 400, None, "invalid_json", "", id="malformed-json"),
+    pytest.param("/completions", DEEP, 400, None, "invalid_json", "deeper", id="nested-100000-deep"),
+    bad("/completions", f'"prompt": {DEEP}', 400, None, "invalid_json", "deeper", id="prompt-nested-100000-deep"),
+    bad("/completions", f'"prompt": "x", "max_tokens": {HUGE_NUMBER}', 400, None, "invalid_json", "4301 digits",
+        id="4301-digit-number"),
+    bad("/completions", '"prompt": "x", "repetition_penalty": Infinity', 400, None, "invalid_json", "Infinity",
+        id="infinity"),
+    bad("/completions", '"prompt": "x", "temperature": NaN', 400, None, "invalid_json", "NaN", id="nan"),
+    bad("/completions", '"prompt": "x", "repetition_penalty": 1e999', 400, "repetition_penalty", None, "finite",
+        id="overflowing-float"),
+    bad("/completions", f'"prompt": {SURROGATE}', 400, "prompt", "invalid_unicode", "surrogate",
+        id="lone-surrogate"),
+    bad("/completions", f'"prompt": {SURROGATE}, "stream": true', 400, "prompt", "invalid_unicode", "surrogate",
+        id="lone-surrogate-streamed"),
+    bad("/completions", f'"prompt": ["x", {SURROGATE}]', 400, "prompt", "invalid_unicode", r"prompt\[1\]",
+        id="lone-surrogate-in-a-list"),
+    bad("/completions", f'"prompt": "x", "stop": {SURROGATE}', 400, "stop", "invalid_unicode", id="lone-surrogate-stop"),
+    bad("/completions", r'"prompt": "x", "\udfff": 1', 400, None, "invalid_unicode", "field name",
+        id="lone-surrogate-field-name"),
+    pytest.param("/completions", '{"model": "nope", "prompt": "x"}', 404, "model", "model_not_found", "",
+                 id="unknown-model"),
+    bad("/completions", f'"prompt": "{LONG}"', 400, "prompt", "context_length_exceeded", "300 tokens",
+        id="over-long-prompt"),
+    bad("/completions", '"prompt": "x", "max_tokens": 256', 400, "prompt", "context_length_exceeded",
+        id="too-many-tokens"),
+    bad("/completions", '"prompt": "x", "n": 2', 400, "n", "unsupported_parameter", id="n"),
+    bad("/completions", '"prompt": "x", "echo": true', 400, "echo", "unsupported_parameter", id="echo"),
+    bad("/completions", '"prompt": "x", "tools": []', 400, "tools", "unsupported_parameter", id="unknown-field"),
+    bad("/completions", '"prompt": "x", "max_tokens": 0', 400, "max_tokens", id="max-tokens-0"),
+    bad("/completions", '"prompt": "x", "max_tokens": "8"', 400, "max_tokens", says="integer", id="max-tokens-string"),
+    bad("/completions", '"prompt": "x", "max_tokens": true', 400, "max_tokens", says="integer", id="max-tokens-true"),
+    bad("/completions", '"prompt": "x", "max_tokens": 2.0', 400, "max_tokens", says="integer", id="max-tokens-float"),
+    bad("/completions", '"prompt": "x", "logprobs": true', 400, "logprobs", says="integer", id="logprobs-true"),
+    bad("/completions", '"prompt": "x", "logprobs": 50', 400, "logprobs", id="too-many-logprobs"),
+    bad("/completions", '"prompt": "x", "stream": "yes"', 400, "stream", says="boolean", id="stream-yes"),
+    bad("/completions", '"prompt": "x", "stream_options": {"include_usage": true}', 400, "stream_options",
+        says="stream", id="stream-options-without-stream"),
+    bad("/completions", '"prompt": [1, 2, 3]', 400, "prompt", says="list of strings", id="token-ids"),
+    bad("/completions", '"prompt": "x", "stop": [""]', 400, "stop", id="empty-stop"),
+    pytest.param("/completions", '["not", "an", "object"]', 400, None, None, "object", id="body-a-list"),
+    pytest.param("/completions", '{"model": "broken", "prompt": "x"}', 500, None, "model_load_failed", "",
+                 id="model-fails-to-load"),
+    pytest.param("/completions", '{"model": "buggy", "prompt": "x"}', 500, None, None, "internal error: a bug",
+                 id="a-bug"),
+    bad("/chat/completions", '"messages": []', 400, "messages", id="no-messages"),
+    bad("/chat/completions", f'"messages": [{{"role": "user", "content": "{LONG}"}}]', 400, "messages",
+        "context_length_exceeded", id="over-long-chat"),
+    bad("/chat/completions", f'{CHAT}, "max_tokens": 256', 400, "messages", "context_length_exceeded",
+        id="too-many-chat-tokens"),
+    bad("/chat/completions", f'{CHAT}, "top_logprobs": 2', 400, "top_logprobs", id="top-logprobs-without-logprobs"),
+    bad("/chat/completions", f'"messages": [{{"role": "user", "content": {SURROGATE}}}]', 400, "messages",
+        "invalid_unicode", r"messages\[0\]\.content", id="chat-lone-surrogate"),
+    bad("/chat/completions", f'"messages": [{{"role": "user", "content": {SURROGATE}}}], "stream": true', 400,
+        "messages", "invalid_unicode", id="chat-lone-surrogate-streamed"),
+    bad("/chat/completions", '"messages": [{"role": "user", "content": "x", "tool_calls": []}]', 400,
+        "messages[0].tool_calls", "unsupported_parameter", r"'messages\[0\]\.tool_calls' is not supported",
+        id="unknown-field-in-a-message"),
+    bad("/chat/completions", '"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]',
+        400, "messages", says="only text", id="image-part"),
+    bad("/chat/completions", f'{CHAT}, "stream": "yes"', 400, "stream", id="chat-stream-yes"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param, code, says", BAD_INPUT)
+def test_bad_input_gets_an_openai_error_and_the_connection_keeps_serving(base_url, path, body, status, param, code,
+                                                                         says):
+    with httpx.Client(timeout=30) as client:
+        response = client.post(base_url + path, content=body, headers={"Content-Type": "application/json"})
+        assert response.status_code == status
+        error = response.json()["error"]
+        assert error["message"] and error["type"] == ("invalid_request_error" if status < 500 else "server_error")
+        assert (error["param"], error["code"]) == (param, code)
+        assert re.search(says, error["message"]), error["message"]
+        # the same keep-alive connection answers the next request
+        following = client.get(f"{base_url}/models")
+        assert following.status_code == 200
+        assert local_port(following) == local_port(response)
+
+
+def local_port(response: httpx.Response) -> int:
+    return response.extensions["network_stream"].get_extra_info("socket").getsockname()[1]
 
 
 def test_the_client_raises_openais_own_errors(client):
@@ -236,32 +341,66 @@ def test_the_client_raises_openais_own_errors(client):
 # One slow client, or one long generation, does not hold up the others
 
 
-def test_a_long_generation_leaves_the_server_responsive(base_url):
-    tokens = 40  # about 40 * SLOW_FORWARD_S of generation
+def slow_request(base_url, prompt, max_tokens, **fields) -> dict:
+    body = {"model": "tiny-slow", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **fields}
+    return httpx.post(f"{base_url}/completions", json=body, timeout=60).json()
+
+
+def test_a_long_generation_leaves_the_server_responsive(base_url, pace):
+    tokens = 40  # 40 forward passes of the slow model, were it to run to the end
+    start = len(pace.lengths)
     body = {"model": "tiny-slow", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True}
     with httpx.Client(timeout=30) as slow_client, slow_client.stream("POST", f"{base_url}/completions", json=body) as stream:
         lines = stream.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))  # it has begun
-        started = time.monotonic()
         assert httpx.get(f"{base_url}/models").status_code == 200
-        assert time.monotonic() - started < tokens * SLOW_FORWARD_S / 2
-        # a request for another model runs beside it
+        # a request for another model runs beside it, and ends first
         out = httpx.post(f"{base_url}/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 4}).json()
         assert out["usage"]["completion_tokens"] >= 1
-        assert time.monotonic() - started < tokens * SLOW_FORWARD_S  # the long one has not finished yet
+        assert len(pace.since(start)[0]) < tokens  # the long one has not finished yet
         assert sum(1 for line in lines if line.startswith("data:")) >= 2  # the rest of it, and [DONE]
+    assert len(pace.since(start)[0]) == tokens
 
 
-def test_a_client_that_leaves_frees_the_model(base_url):
-    tokens = 100  # about 100 * SLOW_FORWARD_S, were it generated to the end
-    body = {"model": "tiny-slow", "prompt": PROMPT, "max_tokens": tokens, "stream": True}
+def test_a_streaming_client_that_leaves_frees_the_model(base_url, pace):
+    tokens = 100
+    start = len(pace.lengths)
+    body = {"model": "tiny-slow", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True}
     with httpx.Client(timeout=30) as leaving, leaving.stream("POST", f"{base_url}/completions", json=body) as stream:
         next(stream.iter_lines())
-    started = time.monotonic()
-    out = httpx.post(f"{base_url}/completions", json={"model": "tiny-slow", "prompt": "A dog", "max_tokens": 1},
-                     timeout=30).json()
-    assert out["usage"]["completion_tokens"] == 1
-    assert time.monotonic() - started < tokens * SLOW_FORWARD_S / 2
+    assert slow_request(base_url, DOG, 1)["usage"]["completion_tokens"] == 1
+    passes, prefills = pace.since(start)
+    assert prefills == [len(PROMPT), len(DOG)]  # the next request ran after the first had stopped
+    assert len(passes) - 1 < tokens // 2  # ... early
+
+
+def test_a_client_that_leaves_before_its_answer_frees_the_model(base_url, pace):
+    """Not streamed: the client gives up waiting for the whole answer (curl -m 2)."""
+    tokens = 100
+    start = len(pace.lengths)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base_url}/completions", timeout=httpx.Timeout(30, read=0.5),
+                   json={"model": "tiny-slow", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0})
+    assert slow_request(base_url, DOG, 1)["usage"]["completion_tokens"] == 1
+    passes, prefills = pace.since(start)
+    assert prefills == [len(PROMPT), len(DOG)]
+    assert len(passes) - 1 < tokens // 2
+
+
+def test_a_queued_request_whose_client_left_never_runs(base_url, pace):
+    tokens = 30
+    start = len(pace.lengths)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(slow_request, base_url, PROMPT, tokens)
+        while len(pace.lengths) == start:  # the model is busy with the first: the next request queues
+            assert first.running(), first.result()
+            time.sleep(0.01)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base_url}/completions", timeout=httpx.Timeout(30, read=0.3),
+                       json={"model": "tiny-slow", "prompt": "Queued, then gone", "max_tokens": 5})
+        assert first.result()["usage"]["completion_tokens"] == tokens
+    assert slow_request(base_url, DOG, 1)["usage"]["completion_tokens"] == 1
+    assert pace.since(start)[1] == [len(PROMPT), len(DOG)]  # the abandoned one never reached the model
 
 
 def test_a_client_that_stops_reading_does_not_hold_the_model(llm):
@@ -344,16 +483,19 @@ def test_the_remote_lane_tells_an_end_of_sequence_from_a_stop_string(base_url, l
     assert remote(PROMPT, max_new_tokens=2, stop=["never in it"]).finish_reason == "length"
 
 
-def test_the_remote_lane_stops_when_asked(base_url):
+def test_the_remote_lane_stops_when_asked(base_url, pace):
+    tokens = 40
+    start = len(pace.lengths)
     remote = RemoteTextGeneration(base_url, "tiny-slow")
     stop = threading.Event()
-    started = time.monotonic()
     events = []
-    for event in remote.stream(PROMPT, max_new_tokens=40, stop_event=stop):
+    for event in remote.stream(PROMPT, max_new_tokens=tokens, stop_event=stop):
         events.append(event)
         stop.set()
     assert len(events) <= 3  # the one asked for, and what had already arrived
-    assert time.monotonic() - started < 40 * SLOW_FORWARD_S / 2
+    assert slow_request(base_url, DOG, 1)["usage"]["completion_tokens"] == 1
+    passes, prefills = pace.since(start)
+    assert prefills == [len(PROMPT), len(DOG)] and len(passes) - 1 < tokens // 2  # the server stopped too
 
 
 def test_the_remote_lane_is_configured_by_one_variable(base_url):
