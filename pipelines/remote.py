@@ -18,12 +18,19 @@ What an OpenAI-compatible server does not send stays empty: token ids (None; tok
 their text), the prompt's tokens (so there is no "tokenize" event), the distribution after the
 sampling processors, FLOPs, shapes and KV-cache bytes.
 
+Not every server does all it is asked. One that ignores `stream: true` (llama.cpp's server in the
+cyllama wheel answers one JSON object) is read as a whole answer: its tokens arrive together, the
+first carrying the wait. One that sends no log-probabilities gives events with the text alone.
+Each is said once per RemoteTextGeneration, in `notes` and as a logged warning; a 404 on
+/v1/completions suggests chat=True (some servers serve only chat).
+
 Depends on httpx, the studio core's timer and the LLM lane's event and sampling types; never on Gradio.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import threading
@@ -41,6 +48,12 @@ from .text_generation import GenerationOutput, TokenStep
 # server's first model is used. The API key, where the server wants one, comes from ENV_API_KEY.
 ENV_URL = "STUDIO_REMOTE_LLM"
 ENV_API_KEY = "STUDIO_REMOTE_LLM_API_KEY"
+
+# What a server leaves out, said once (RemoteTextGeneration.notes)
+NO_LOGPROBS = "this server returns no log-probabilities: alternatives stay empty"
+NO_STREAM = "this server does not stream: each answer arrives whole, its tokens together"
+
+log = logging.getLogger(__name__)
 
 
 class RemoteError(RuntimeError):
@@ -69,6 +82,7 @@ class RemoteTextGeneration:
         self.model = model
         self.api_key = api_key
         self.timeout = timeout
+        self.notes: list[str] = []  # what this server leaves out (NO_LOGPROBS, NO_STREAM), each once
 
     @classmethod
     def from_url(cls, url: str, api_key: str | None = None, timeout: float = 120.0) -> "RemoteTextGeneration":
@@ -137,39 +151,43 @@ class RemoteTextGeneration:
 
         try:
             with self._client() as client, client.stream("POST", self.base_url + path, json=body) as response:
-                self._raise_for_status(response)
-                yield from self._token_events(response, chat, stops, top_logprobs, stop_event)
+                self._raise_for_status(response, path)
+                yield from self._token_events(self._chunks(response, chat), chat, stops, top_logprobs, stop_event)
         except httpx.TransportError as error:  # refused, timed out, or cut off mid-stream
             raise RemoteError(f"lost the remote LLM at {self.base_url}: {error}") from error
 
-    @staticmethod
-    def _token_events(response, chat, stops, top_logprobs, stop_event) -> Iterator[TokenStep]:
-        """The streamed chunks as token events, one per token, in the order they came."""
+    def _token_events(self, chunks, chat, stops, top_logprobs, stop_event) -> Iterator[TokenStep]:
+        """The chunks as token events, one per token, in the order they came."""
         # A token's event is held until the next chunk arrives: some servers send the finish reason
         # in a chunk of its own, and the local lane puts it on the last token's event.
         pending: dict[int, TokenStep] = {}
         counts: dict[int, int] = {}
         timer = StepTimer("cpu")  # this client's clock: the wall-clock time each token took to arrive
-        chunks = _sse_chunks(response)
+        received = 0
         while True:
             with timer.time() as timing:
                 chunk = next(chunks, None)
             if chunk is None:
                 break
-            for choice in chunk.get("choices", []):
+            received += 1
+            for choice in chunk.get("choices") or []:
                 sequence = choice.get("index", 0)
                 text, tokens = _chat_tokens(choice) if chat else _completion_tokens(choice)
                 if text and not tokens:  # a server that sends no logprobs: the text alone
-                    tokens = [(None, [])]
+                    self._note(NO_LOGPROBS)
+                    tokens = [(text, None, [])]
+                # several tokens in one chunk: each its own text where they add up to the chunk's,
+                # else the chunk's text on the last (a held-back stop string, an incomplete character)
+                texts = [token for token, _, _ in tokens]
+                split = all(isinstance(t, str) for t in texts) and "".join(texts) == text
                 events = []
-                for k, (logprob, top) in enumerate(tokens):
+                for k, (token, logprob, top) in enumerate(tokens):
                     index = counts.get(sequence, 0)
                     counts[sequence] = index + 1
                     events.append(TokenStep(
                         phase="prefill" if index == 0 else "decode", index=index, sequence=sequence,
-                        # several tokens in one chunk arrived together: the first carries the wait
-                        timing=timing if k == 0 else None,
-                        text=text if k == len(tokens) - 1 else "",  # the chunk's text, as the server sent it
+                        timing=timing if k == 0 else None,  # tokens that arrived together: the first carries the wait
+                        text=token if split else text if k == len(tokens) - 1 else "",
                         logprob=logprob, top=_as_probabilities(top, top_logprobs),
                     ))
                 if events:
@@ -183,7 +201,39 @@ class RemoteTextGeneration:
                     yield event
             if stop_event is not None and stop_event.is_set():
                 break
+        if not received:
+            raise RemoteError(f"the remote LLM at {self.base_url} answered without a completion: an empty stream")
         yield from pending.values()  # stopped early, or a server that never said why it finished
+
+    def _chunks(self, response: httpx.Response, chat: bool) -> Iterator[dict]:
+        """The answer's chunks: server-sent events as they come, or a server that does not stream
+        read whole, as one chunk of the stream's shape (a chat message as its delta)."""
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            yield from _sse_chunks(response.iter_lines())
+            return
+        text = response.read().decode(errors="replace")
+        if text.lstrip().startswith("data:"):  # a stream after all, labelled otherwise
+            yield from _sse_chunks(text.splitlines())
+            return
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):
+            raise RemoteError(
+                f"the remote LLM at {self.base_url} does not stream, and its answer is not an OpenAI completion "
+                f"either ({response.headers.get('content-type') or 'no Content-Type'}): {text.strip()[:200]!r}"
+            )
+        self._note(NO_STREAM)
+        if chat:
+            answer["choices"] = [{**c, "delta": c.get("message") or {}} for c in answer["choices"] if isinstance(c, dict)]
+        yield answer
+
+    def _note(self, note: str) -> None:
+        """Say once what this server leaves out."""
+        if note not in self.notes:
+            self.notes.append(note)
+            log.warning("the remote LLM at %s: %s", self.base_url, note)
 
     # -----------------------------------------------------------------------------------------
     # HTTP
@@ -197,10 +247,10 @@ class RemoteTextGeneration:
             response = client.request(method, self.base_url + path)
         except httpx.TransportError as error:
             raise RemoteError(f"could not reach the remote LLM at {self.base_url}: {error}") from error
-        self._raise_for_status(response)
+        self._raise_for_status(response, path)
         return response
 
-    def _raise_for_status(self, response: httpx.Response) -> None:
+    def _raise_for_status(self, response: httpx.Response, path: str) -> None:
         if response.status_code < 400:
             return
         response.read()
@@ -208,7 +258,10 @@ class RemoteTextGeneration:
             message = response.json()["error"]["message"]  # OpenAI's error object
         except (ValueError, KeyError, TypeError):
             message = response.text.strip()[:500] or response.reason_phrase
-        said = f"the remote LLM at {self.base_url} answered {response.status_code}: {message}"
+        said = f"the remote LLM at {self.base_url} answered {response.status_code} on {path}: {message}"
+        if response.status_code == 404 and path == "/completions" and (self.model or "") not in message:
+            # not "no such model" (servers name the model then): no such endpoint
+            said += "; this server may serve only chat: try chat=True (/chat/completions)"
         raise ValueError(said) if response.status_code < 500 else RemoteError(said)
 
     def _request_body(self, prompts, chat, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
@@ -254,36 +307,47 @@ class RemoteTextGeneration:
 # The server's JSON -> the lane's values
 
 
-def _sse_chunks(response: httpx.Response) -> Iterator[dict]:
-    """The JSON payloads of a server-sent event stream, up to `data: [DONE]`."""
-    for line in response.iter_lines():
+def _sse_chunks(lines) -> Iterator[dict]:
+    """The JSON payloads of a server-sent event stream's lines, up to `data: [DONE]`."""
+    for line in lines:
         if not line.startswith("data:"):  # blank separators, ": ping" comments, event names
             continue
         data = line[len("data:"):].strip()
         if data == "[DONE]":
             return
-        chunk = json.loads(data)
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise RemoteError(f"the remote LLM sent a chunk that is not JSON: {data[:200]!r}") from None
+        if not isinstance(chunk, dict):
+            raise RemoteError(f"the remote LLM sent a chunk that is not a JSON object: {data[:200]!r}")
         if "error" in chunk:  # a failure after the response began travels in the stream
             error = chunk["error"]
             raise RemoteError(f"the remote LLM failed mid-stream: {error.get('message', error)}")
         yield chunk
 
 
-def _completion_tokens(choice: dict) -> tuple[str, list[tuple[float | None, list[tuple[str, float]]]]]:
-    """A /v1/completions chunk's text and, per token, (logprob, [(text, logprob)] of its alternatives).
-    The alternatives come as a dict keyed by text: tokens that decode alike (bytes of one
-    character, each shown as U+FFFD) arrive as one."""
+# per token: (its text, its logprob, [(text, logprob)] of its alternatives)
+Tokens = list[tuple[str | None, float | None, list[tuple[str, float]]]]
+
+
+def _completion_tokens(choice: dict) -> tuple[str, Tokens]:
+    """A /v1/completions chunk's (or whole answer's) text and tokens. The alternatives come as a
+    dict keyed by text: tokens that decode alike (bytes of one character, each shown as U+FFFD)
+    arrive as one."""
     logprobs = choice.get("logprobs") or {}
     token_logprobs = logprobs.get("token_logprobs") or []
+    texts = logprobs.get("tokens") or [None] * len(token_logprobs)
     tops = logprobs.get("top_logprobs") or [None] * len(token_logprobs)
-    return choice.get("text") or "", [(lp, list((top or {}).items())) for lp, top in zip(token_logprobs, tops)]
+    tokens = [(text, lp, list((top or {}).items())) for text, lp, top in zip(texts, token_logprobs, tops)]
+    return choice.get("text") or "", tokens
 
 
-def _chat_tokens(choice: dict) -> tuple[str, list[tuple[float | None, list[tuple[str, float]]]]]:
-    """A /v1/chat/completions chunk's text and, per token, (logprob, [(text, logprob)] of its alternatives)."""
+def _chat_tokens(choice: dict) -> tuple[str, Tokens]:
+    """A /v1/chat/completions chunk's text and tokens (a whole answer's message comes as its delta)."""
     content = (choice.get("logprobs") or {}).get("content") or []
     tokens = [
-        (entry.get("logprob"), [(a["token"], a["logprob"]) for a in entry.get("top_logprobs") or []])
+        (entry.get("token"), entry.get("logprob"), [(a["token"], a["logprob"]) for a in entry.get("top_logprobs") or []])
         for entry in content
     ]
     return (choice.get("delta") or {}).get("content") or "", tokens
