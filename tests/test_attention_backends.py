@@ -1,101 +1,42 @@
-"""Every attention backend against a float64 reference written out in full here."""
-
-import math
+"""Every attention backend, built in or registered, against the float64 reference on the battery
+of studio.backends.checks: the same cases a plugin's kernel must pass before it runs."""
 
 import pytest
 import torch
 
 from studio import backends
-from studio.backends import BackendError
+from studio.backends import BackendError, checks
 
 CPU = torch.device("cpu")
 RUNNABLE = [b.name for b in backends.available(CPU, torch.float32) if b.kind == "attention" and b.available]
 FAST = [name for name in RUNNABLE if name != "flex"]  # flex compiles per shape: tested on fewer cases
-TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 
-def reference(q, k, v, causal=False, mask=None, scale=None):
-    """Attention in float64, spelled out: the ground truth every backend is checked against."""
-    q, k, v = q.double(), k.double(), v.double()
-    heads, kv_heads = q.shape[1], k.shape[1]
-    k = k.repeat_interleave(heads // kv_heads, dim=1)
-    v = v.repeat_interleave(heads // kv_heads, dim=1)
-    scale = scale if scale is not None else 1 / math.sqrt(q.shape[-1])
-    scores = q @ k.transpose(-1, -2) * scale
-    q_len, kv_len = q.shape[-2], k.shape[-2]
-    allowed = torch.ones(q_len, kv_len, dtype=torch.bool)
-    if causal:
-        for i in range(q_len):
-            allowed[i, kv_len - q_len + i + 1 :] = False
-    allowed = allowed.expand_as(scores).clone()
-    if mask is not None and mask.dtype == torch.bool:
-        allowed &= mask.expand_as(scores)
-    elif mask is not None:
-        scores = scores + mask.double()
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return weights @ v
+def inputs(**shape):
+    """q, k, v of the battery's default shape (batch 2, 4 heads, 16 x 16, head_dim 64), changed by `shape`."""
+    return checks.AttentionCase("test", **shape).inputs(CPU, torch.float32)[:3]
 
 
-def inputs(batch=2, heads=4, kv_heads=4, q_len=16, kv_len=16, head_dim=64, dtype=torch.float32):
-    q = torch.randn(batch, heads, q_len, head_dim, dtype=dtype)
-    k = torch.randn(batch, kv_heads, kv_len, head_dim, dtype=dtype)
-    v = torch.randn(batch, kv_heads, kv_len, head_dim, dtype=dtype)
-    return q, k, v
-
-
-def padding_mask(batch, kv_len, pad):
-    """Left padding: the first `pad` keys of the first sequence are padding, shape [batch, 1, 1, kv_len]."""
-    mask = torch.ones(batch, 1, 1, kv_len, dtype=torch.bool)
-    mask[0, ..., :pad] = False
-    return mask
-
-
-def check(name, q, k, v, **kw):
-    out = backends.attention(q, k, v, backend=name, **kw)
-    expected = reference(q, k, v, **kw)
-    assert out.shape == expected.shape and out.dtype == q.dtype
-    error = (out.double() - expected).abs().max().item()
-    assert error <= TOLERANCE[q.dtype] * max(1.0, expected.abs().max().item()), f"{name}: max error {error}"
-
-
-CASES = {
-    "self": dict(),
-    "causal": dict(causal=True),
-    "cross": dict(q_len=5, kv_len=23),
-    "decode-causal": dict(q_len=1, kv_len=23, causal=True),
-    "chunk-causal": dict(q_len=7, kv_len=23, causal=True),
-    "gqa-causal": dict(heads=8, kv_heads=2, causal=True),
-}
+def check(name, case, dtype=torch.float32):
+    error = checks.attention_error(lambda *args: backends.attention(*args, backend=name), case, CPU, dtype)
+    tolerance = checks.ATTENTION_TOLERANCE[dtype]
+    assert error <= tolerance, f"{name} on {case}: max error {error:.2e} > {tolerance:.0e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", checks.ATTENTION_CASES)
 @pytest.mark.parametrize("name", FAST)
 def test_backend_matches_float64_reference(name, case, dtype):
-    kw = dict(CASES[case])
-    causal = kw.pop("causal", False)
-    check(name, *inputs(dtype=dtype, **kw), causal=causal)
+    check(name, checks.ATTENTION_CASES[case], dtype)
 
 
-@pytest.mark.parametrize("head_dim", [32, 64, 80, 128])
-@pytest.mark.parametrize("name", FAST)
-def test_head_dims(name, head_dim):
-    check(name, *inputs(head_dim=head_dim, q_len=9, kv_len=9), causal=True)
-
-
-@pytest.mark.parametrize("name", FAST)
-def test_boolean_padding_mask_with_causal(name):
-    q, k, v = inputs(q_len=12, kv_len=12)
-    check(name, q, k, v, causal=True, mask=padding_mask(2, 12, pad=5))
-
-
-@pytest.mark.parametrize("name", FAST)
-def test_additive_mask(name):
-    q, k, v = inputs(q_len=6, kv_len=10)
-    mask = torch.randn(2, 4, 6, 10)
-    mask[..., :3] = float("-inf")
-    check(name, q, k, v, mask=mask)
+def test_the_battery_covers_what_the_layout_allows():
+    needs = [case.needs() for case in checks.ATTENTION_CASES.values()]
+    assert all(any(n[capability] for n in needs) for capability in ("causal", "masks", "gqa", "cross"))
+    assert {case.mask for case in checks.ATTENTION_CASES.values()} == {None, "padding", "additive", "empty-row"}
+    assert {case.head_dim for case in checks.ATTENTION_CASES.values()} >= {32, 64, 80, 128}
+    decode = checks.ATTENTION_CASES["decode-causal"]
+    assert decode.q_len == 1 and decode.causal and decode.needs()["cross"]
 
 
 @pytest.mark.parametrize("name", FAST)
@@ -109,17 +50,11 @@ def test_a_query_that_sees_no_key_gets_zeros(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["causal", "gqa-causal", "decode-causal", "padding"])
+@pytest.mark.parametrize("case", ["causal", "gqa-causal", "decode-causal", "padding-causal"])
 def test_flex_matches_float64_reference(case):
     if "flex" not in RUNNABLE:
         pytest.skip(backends.attention_info("flex", CPU, torch.float32).reason)
-    if case == "padding":
-        q, k, v = inputs(q_len=12, kv_len=12)
-        check("flex", q, k, v, causal=True, mask=padding_mask(2, 12, pad=5))
-        return
-    kw = dict(CASES[case])
-    causal = kw.pop("causal", False)
-    check("flex", *inputs(**kw), causal=causal)
+    check("flex", checks.ATTENTION_CASES[case])
 
 
 def test_eager_hands_back_the_weights():
@@ -168,13 +103,14 @@ def test_auto_reports_its_choice():
     choice = backends.choose_attention(q, k, v)
     assert choice.name in RUNNABLE and choice.name != "auto"
     assert "cpu" in choice.reason
-    check("auto", q, k, v, causal=True)
+    check("auto", checks.ATTENTION_CASES["causal"])
 
 
 def test_available_lists_every_backend_with_a_reason_when_not():
     infos = backends.available(CPU, torch.float32)
     names = [i.name for i in infos if i.kind == "attention"]
-    assert names == list(backends.ATTENTION_BACKENDS)
+    assert names == backends.attention_names()
+    assert names[: len(backends.ATTENTION_BACKENDS)] == list(backends.ATTENTION_BACKENDS)  # built-ins first
     for info in infos:
         assert info.available or info.reason, info
     cudnn = backends.attention_info("sdpa-cudnn", CPU, torch.float32)

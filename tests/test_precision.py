@@ -8,7 +8,7 @@ from tiny_models import plain_llm, tiny_unet
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from studio.backends import precision
+from studio.backends import checks, precision
 from studio.backends.precision import (
     PRECISIONS,
     apply_precision,
@@ -22,39 +22,10 @@ torch.set_num_threads(1)
 
 CPU_PRECISIONS = [name for name in PRECISIONS if precision_info(name, "cpu").available]
 
-# Relative error ||y - y64|| / ||y64|| of one random 256 -> 128 layer on x ~ N(0, 1), against the
-# same layer in float64, predicted from the formats: rounding to a p-bit significand leaves a
-# relative rms error of 0.425 * 2^-p (measured on N(0, 1) samples; the same for every p), and the
-# roundings of independent operands add in quadrature. Each bound is the prediction / 1.5 and
-# * 1.5: the upper one catches a precision doing worse than its format allows (e.g. truncating
-# instead of rounding), the lower one proves the layer really computed in that format.
-ROUNDING = 0.425
-PREDICTED_ERROR = {
-    "fp16": ROUNDING * 2**-11 * 3**0.5,  # x, w and the output each rounded once [measured 3.4e-4 of 3.6e-4]
-    "bf16": ROUNDING * 2**-8 * 3**0.5,  # the same with 3 bits fewer: 8x fp16's [2.7e-3 of 2.9e-3]
-    # nn.Linear draws w ~ U(-b, b); a row's step is max|w| / 127 ~ b / 127, so the rounding rms
-    # step / sqrt(12) over the weights' rms b / sqrt(3) is 1 / 254 [3.9e-3 of 3.9e-3]
-    "int8": 1 / 254,
-    "fp8": ROUNDING * 2**-4 * 2**0.5,  # x and w rounded to e4m3; its bf16 output adds little [3.5e-2 of 3.8e-2]
-}
-ERROR_BOUNDS = {name: (error / 1.5, error * 1.5) for name, error in PREDICTED_ERROR.items()}
-# fp32 is the reference's own format: what is left is the order of 256 fp32 additions [2.1e-7]
-ERROR_BOUNDS["fp32"] = (0.0, 1e-6)
+# The bounds each precision is held to on a random layer (and a registered one declares its own
+# against): predicted from the formats' bits, in studio.backends.checks.ERROR_BOUNDS.
 LLAMA_INT8_LOGITS_ERROR = 1.5e-2  # int8 error of 15 layers in a row, 2 blocks deep [7.8e-3]
 UNET_ERROR = {"bf16": 3e-3, "int8": 3e-3}  # through 74 linear layers between fp32 convolutions [8.8e-4, 1.1e-3]
-
-
-def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((y.double() - reference.double()).norm() / reference.double().norm()).item()
-
-
-def random_layer_and_reference(seed=0):
-    """A 256 -> 128 layer in fp32, an input, and the float64 output of the same layer and input."""
-    torch.manual_seed(seed)
-    layer = nn.Linear(256, 128)
-    x = torch.randn(4, 8, 256)
-    reference = F.linear(x.double(), layer.weight.double(), layer.bias.double())
-    return layer, x, reference
 
 
 def small_mlp():
@@ -112,23 +83,27 @@ def test_unavailable_precision_raises_and_leaves_the_model_as_it_was():
 # --- numerics --------------------------------------------------------------------------------
 
 
-def measured_errors() -> dict[str, float]:
-    layer, x, reference = random_layer_and_reference()
-    errors = {}
-    for name in CPU_PRECISIONS:
-        model = nn.Sequential(layer)
-        apply_precision(model, name)
-        y = model(x)
-        assert y.dtype == torch.float32  # the rest of the model sees the dtype it sent
-        errors[name] = relative_error(y, reference)
-        restore_precision(model)
-    return errors
+def applied(layer: nn.Linear, name: str) -> nn.Module:
+    """`layer` in a model converted by apply_precision: the path every model takes."""
+    model = nn.Sequential(layer)
+    apply_precision(model, name)
+    return model
 
 
+def measured_errors(case="bias") -> dict[str, float]:
+    """Each precision's relative error on one of the check's layers (fp32 in and out), the same a
+    registered precision is checked on."""
+    return {
+        name: checks.precision_error(lambda layer: applied(layer, name), checks.LAYER_CASES[case], "cpu", torch.float32)
+        for name in CPU_PRECISIONS
+    }
+
+
+@pytest.mark.parametrize("case", checks.LAYER_CASES)
 @pytest.mark.parametrize("name", CPU_PRECISIONS)
-def test_each_precision_within_its_error_bound_of_float64(name):
-    low, high = ERROR_BOUNDS[name]
-    error = measured_errors()[name]
+def test_each_precision_within_its_error_bound_of_float64(name, case):
+    low, high = checks.ERROR_BOUNDS[name]
+    error = measured_errors(case)[name]
     assert low <= error <= high, f"{name}: relative error {error:.2e} outside [{low:.1e}, {high:.1e}]"
 
 
@@ -148,7 +123,7 @@ def test_output_comes_back_in_the_input_dtype(name):
     apply_precision(model, name)
     y = model(x)
     assert y.dtype == torch.bfloat16
-    assert relative_error(y, reference) < 0.1
+    assert checks.relative_error(y, reference) < 0.1
 
 
 def test_int8_and_fp8_weights_are_a_quarter_of_fp32():
@@ -292,7 +267,7 @@ def test_llama_runs_in_int8_with_its_tied_embedding_untouched():
 
     assert report.changed == all_linear
     assert len(report.changed) == 2 * 7 + 1  # q, k, v, o, gate, up, down per block, and lm_head
-    assert 1e-4 < relative_error(logits, reference) < LLAMA_INT8_LOGITS_ERROR
+    assert 1e-4 < checks.relative_error(logits, reference) < LLAMA_INT8_LOGITS_ERROR
     assert model.lm_head.original.weight is model.model.embed_tokens.weight is embedding
     assert torch.equal(embedding, saved)
 
@@ -316,7 +291,7 @@ def test_unet_runs_within_tolerance(name):
         report = apply_precision(model, name)
         out = model(sample, timestep, text).sample
     assert report.changed == all_linear
-    assert 1e-5 < relative_error(out, reference) < UNET_ERROR[name]
+    assert 1e-5 < checks.relative_error(out, reference) < UNET_ERROR[name]
     restore_precision(model)
     with torch.no_grad():
         assert torch.equal(model(sample, timestep, text).sample, reference)

@@ -1,4 +1,5 @@
-"""The shared backends both lanes run on: attention kernels and matmul precisions.
+"""The shared backends both lanes run on: attention kernels and matmul precisions, built in or
+registered by plugins.
 
     from studio import backends
     backends.available()                       # every backend, with the reason one cannot run here
@@ -6,49 +7,81 @@
         ...
     out = backends.attention(q, k, v, causal=True, backend="sdpa")
     report = backends.apply_precision(model, "int8")   # reversible: backends.restore_precision(model)
+    backends.register_attention("mine", fn, description="...")   # checked against float64 before it runs
+
+The modules, in the order they depend on each other: registry (what a backend is; the scoped
+choice), checks (the float64 battery every backend must pass), attention and precision (the
+built-ins and the tables of registered ones), plugins (registering, checking, discovering),
+adapters (optional libraries as plugins), choice (`use`, `resolve`). Importing this package
+registers the adapters, then loads the installed plugins (entry-point group
+`generation_studio.backends`); a plugin that fails is listed by `installed_plugins()` with its error.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .attention import ATTENTION_BACKENDS, attention, attention_info, choose_attention
+from .adapters import register_adapters
+from .attention import ATTENTION_BACKENDS, attention, attention_info, attention_names, choose_attention
 from .choice import resolve, sync_precision, use
-from .precision import PRECISIONS, PrecisionReport, apply_precision, precision_info, precision_of, restore_precision
-from .registry import BackendError, BackendInfo, Selection, current
+from .plugins import GROUP, installed_plugins, load_entry_points, register_attention, register_precision, unregister
+from .precision import (
+    PRECISIONS,
+    PrecisionReport,
+    apply_precision,
+    precision_info,
+    precision_names,
+    precision_of,
+    restore_precision,
+)
+from .registry import BackendError, BackendInfo, PluginSource, Selection, current
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "GROUP",
     "PRECISIONS",
     "BackendError",
     "BackendInfo",
+    "PluginSource",
     "PrecisionReport",
     "Selection",
     "apply_precision",
     "attention",
     "attention_info",
+    "attention_names",
     "available",
     "choose_attention",
     "current",
+    "installed_plugins",
+    "load_entry_points",
     "precision_info",
+    "precision_names",
     "precision_of",
+    "register_attention",
+    "register_precision",
     "resolve",
     "restore_precision",
     "sync_precision",
+    "unregister",
     "use",
 ]
 
 
 def available(device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> list[BackendInfo]:
-    """Every attention kernel and matmul precision, each saying whether it runs on `device`
-    (default: CUDA when present, else the CPU) with `dtype` (default: the device's usual
-    inference dtype, bf16 on CUDA and fp32 on the CPU), and if not, why."""
+    """Every attention kernel and matmul precision, built in or registered, each saying whether
+    it runs on `device` (default: CUDA when present, else the CPU) with `dtype` (default: the
+    device's usual inference dtype, bf16 on CUDA and fp32 on the CPU), and if not, why. A
+    registered backend is checked against the float64 reference the first time it is asked."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return [attention_info(name, device, dtype) for name in ATTENTION_BACKENDS] + [
-        precision_info(name, device) for name in PRECISIONS
+    return [attention_info(name, device, dtype) for name in attention_names()] + [
+        precision_info(name, device, dtype) for name in precision_names()
     ]
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+register_adapters()
+load_entry_points()

@@ -19,7 +19,11 @@ The kernels, from the textbook to the fast ones:
     xformers   xformers.ops.memory_efficient_attention, where it is installed and runs
     auto       the fastest kernel available for the device, dtype and inputs, and says which
 
-Depends on torch (xformers optionally); knows nothing of models or pipelines.
+Kernels registered by plugins (plugins.py: `register_attention`) sit in REGISTERED and are called
+the same way; each one says itself whether it runs on a device and dtype (it must have passed the
+float64 check there) and whether it takes the inputs at hand.
+
+Depends on torch (xformers optionally) and registry; knows nothing of plugins.py, models or pipelines.
 """
 
 from __future__ import annotations
@@ -30,13 +34,14 @@ import math
 import shutil
 import warnings
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from .registry import BackendError, BackendInfo, current
+from .registry import BackendError, BackendInfo, current, dtype_name, failed_plugins_note
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +64,30 @@ DESCRIPTIONS = {
     "xformers": "xformers memory_efficient_attention",
     "auto": "the fastest available kernel for the device, dtype and inputs",
 }
-ATTENTION_BACKENDS = tuple(DESCRIPTIONS)
+ATTENTION_BACKENDS = tuple(DESCRIPTIONS)  # the built-ins; attention_names() adds the registered ones
+
+
+class RegisteredKernel(Protocol):
+    """What a registered kernel (made by plugins.register_attention) answers to."""
+
+    auto: bool  # whether auto may choose it, where it takes the inputs and passed the check
+
+    def info(self, device: torch.device, dtype: torch.dtype) -> BackendInfo:
+        """Whether it runs here (declared for the device and dtype, and checked), and if not, why."""
+
+    def refusal(self, q, k, v, causal, mask) -> str | None:
+        """Why it cannot take these inputs (a capability it does not declare), or None."""
+
+    def __call__(self, q, k, v, causal, mask, scale) -> torch.Tensor:
+        """The kernel, its errors and a wrong output turned into BackendError naming the plugin."""
+
+
+REGISTERED: dict[str, RegisteredKernel] = {}  # filled and emptied by plugins.py only
+
+
+def attention_names() -> list[str]:
+    """Every attention backend: the built-ins, then the registered kernels."""
+    return [*ATTENTION_BACKENDS, *REGISTERED]
 
 # auto tries these in order, keeping the first that runs the inputs at hand. The order is the
 # speed ranking measured on an H100 (shared/ANCHORS.md: cuDNN 0.12 ms, flash 0.23 ms, efficient
@@ -68,8 +96,10 @@ _AUTO_ORDER = ("sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa")
 
 
 def check_name(name: str) -> None:
-    if name not in DESCRIPTIONS:
-        raise BackendError(f"unknown attention backend {name!r}; available: {', '.join(ATTENTION_BACKENDS)}")
+    if name not in DESCRIPTIONS and name not in REGISTERED:
+        raise BackendError(
+            f"unknown attention backend {name!r}; available: {', '.join(attention_names())}{failed_plugins_note()}"
+        )
 
 
 def attention(
@@ -98,6 +128,9 @@ def attention(
                 f"attention backend {name!r} is unavailable: {info.reason}; "
                 f"available: {', '.join(_available_names(q.device, q.dtype))}"
             )
+        refusal = REGISTERED[name].refusal(q, k, v, causal, mask) if name in REGISTERED else None
+        if refusal is not None:
+            raise BackendError(f"attention backend {name!r} cannot take these inputs: {refusal}; choose another backend")
     if return_weights and name != "eager":
         raise BackendError(f"only the eager backend materialises attention weights; got backend {name!r}")
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -106,8 +139,16 @@ def attention(
     if name == "eager":
         out, weights = eager_attention(q, k, v, causal, mask, scale)
         return (out, weights) if return_weights else out
-    out = _KERNELS[name](q, k, v, causal, mask, scale)
-    return _zero_rows_that_see_nothing(out, mask)
+    return run_kernel(name, q, k, v, causal, mask, scale)
+
+
+def run_kernel(name: str, q, k, v, causal, mask, scale) -> torch.Tensor:
+    """Kernel `name` (not auto) on inputs already checked, with the rows that see no key zeroed:
+    the one path from the inputs to a kernel's output, for `attention` and for the plugins' check."""
+    if name == "eager":
+        return eager_attention(q, k, v, causal, mask, scale)[0]
+    kernel = REGISTERED[name] if name in REGISTERED else _KERNELS[name]
+    return _zero_rows_that_see_nothing(kernel(q, k, v, causal, mask, scale), mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,11 +305,18 @@ _KERNELS = {
 # Availability and the auto choice.
 
 
-@functools.lru_cache(maxsize=None)
 def attention_info(name: str, device: torch.device | str, dtype: torch.dtype) -> BackendInfo:
-    """Whether kernel `name` runs on `device` with `dtype`, and if not, why (probed, then cached)."""
+    """Whether kernel `name` runs on `device` with `dtype`, and if not, why (probed or, for a
+    registered kernel, checked against the float64 reference; then cached)."""
     check_name(name)
     device = torch.device(device)
+    if name in REGISTERED:
+        return REGISTERED[name].info(device, dtype)
+    return _builtin_info(name, device, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _builtin_info(name: str, device: torch.device, dtype: torch.dtype) -> BackendInfo:
     reason = _unavailable_reason(name, device, dtype)
     return BackendInfo(name, "attention", reason is None, reason, DESCRIPTIONS[name])
 
@@ -315,7 +363,7 @@ def _probe(name, device, dtype, head_dim, masked, gqa=False, causal=False) -> st
         except Exception as error:
             # SDPA explains why a kernel was skipped in warnings; its exception only says "none left"
             why = "; ".join(str(w.message).split("\n")[0] for w in caught if "sdp" in str(w.message).lower())
-            return (why or str(error).split("\n")[0]) + f" ({device.type}, {_dtype_name(dtype)}, head_dim {head_dim})"
+            return (why or str(error).split("\n")[0]) + f" ({device.type}, {dtype_name(dtype)}, head_dim {head_dim})"
 
 
 @dataclass(frozen=True)
@@ -325,10 +373,22 @@ class AutoChoice:
 
 
 def choose_attention(q, k, v, causal: bool = False, mask: torch.Tensor | None = None) -> AutoChoice:
-    """The kernel `auto` uses for these inputs, and why: the first of cuDNN, flash, efficient,
-    plain SDPA (fastest first) that runs this device, dtype, head size, mask and head grouping."""
-    key = (q.device, q.dtype, q.shape[-1], mask is not None, q.shape[1] != k.shape[1], causal)
-    return _choose(*key)
+    """The kernel `auto` uses for these inputs, and why: a registered kernel that asked for auto
+    (registration order), where it takes these inputs and passed the check on this device and
+    dtype; else the first of cuDNN, flash, efficient, plain SDPA (fastest first) that runs this
+    device, dtype, head size, mask and head grouping."""
+    skipped = []
+    for name, kernel in REGISTERED.items():
+        if not kernel.auto:
+            continue
+        reason = kernel.info(q.device, q.dtype).reason or kernel.refusal(q, k, v, causal, mask)
+        if reason is None:
+            why = f"registered for auto, takes these inputs and passed the check on {q.device.type} {dtype_name(q.dtype)}"
+            log.info("attention auto chose %s: %s", name, why)
+            return AutoChoice(name, why)
+        skipped.append(f"{name}: {reason}")
+    choice = _choose(q.device, q.dtype, q.shape[-1], mask is not None, q.shape[1] != k.shape[1], causal)
+    return AutoChoice(choice.name, choice.reason + "".join(f"; skipped {why}" for why in skipped)) if skipped else choice
 
 
 @functools.lru_cache(maxsize=None)
@@ -339,7 +399,7 @@ def _choose(device, dtype, head_dim, masked, gqa, causal) -> AutoChoice:
         if reason is None and name != "sdpa":
             reason = _probe(name, device, dtype, head_dim, masked, gqa, causal)
         if reason is None:
-            why = f"fastest that runs {device.type} {_dtype_name(dtype)} head_dim {head_dim}"
+            why = f"fastest that runs {device.type} {dtype_name(dtype)} head_dim {head_dim}"
             why += (", masked" if masked else "") + (", grouped heads" if gqa else "")
             if skipped:
                 why += "; skipped " + "; ".join(skipped)
@@ -350,7 +410,7 @@ def _choose(device, dtype, head_dim, masked, gqa, causal) -> AutoChoice:
 
 
 def _available_names(device, dtype) -> list[str]:
-    return [name for name in ATTENTION_BACKENDS if attention_info(name, device, dtype).available]
+    return [name for name in attention_names() if attention_info(name, device, dtype).available]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,7 +475,3 @@ def _check_inputs(q, k, v, causal, mask):
             ) from None
         if mask.device != q.device:
             raise BackendError(f"mask is on {mask.device} but q is on {q.device}")
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

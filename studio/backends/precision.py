@@ -15,7 +15,11 @@ computed once, at apply time.
 Apply after the model is on its device and in its dtype: the converted weights are buffers, so a
 later `.to(dtype)` would cast them too (restore, move, apply again instead).
 
-Depends on torch only; never imports a pipeline, the UI or a model library.
+Precisions registered by plugins (plugins.py: `register_precision`) sit in REGISTERED and are
+applied the same way; each one says itself whether it runs on a device and dtype (it must have
+passed the float64 check there) and wraps a layer in a PrecisionLinear of its own.
+
+Depends on torch and registry only; never imports plugins.py, a pipeline, the UI or a model library.
 """
 
 from __future__ import annotations
@@ -23,14 +27,15 @@ from __future__ import annotations
 import fnmatch
 import functools
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import BackendError, BackendInfo
+from .registry import BackendError, BackendInfo, failed_plugins_note
 
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "int8", "fp8")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "int8", "fp8")  # the built-ins; precision_names() adds the registered
 
 DESCRIPTIONS = {
     "fp32": "IEEE float32 matmuls (even if TF32 is enabled globally): the reference the others are measured against",
@@ -50,9 +55,29 @@ FP32_MATMUL_MODE = {"fp32": "ieee", "tf32": "tf32"}
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448: the largest e4m3 number; scales map each row's max onto it
 
 
+class RegisteredPrecision(Protocol):
+    """What a registered precision (made by plugins.register_precision) answers to."""
+
+    def info(self, device: torch.device, dtype: torch.dtype) -> BackendInfo:
+        """Whether it runs here (declared for the device and dtype, and checked), and if not, why."""
+
+    def wrap(self, layer: nn.Linear) -> PrecisionLinear:
+        """`layer` converted, kept whole inside the wrapper as `.original`."""
+
+
+REGISTERED: dict[str, RegisteredPrecision] = {}  # filled and emptied by plugins.py only
+
+
+def precision_names() -> list[str]:
+    """Every precision: the built-ins, then the registered ones."""
+    return [*PRECISIONS, *REGISTERED]
+
+
 def check_name(name: str) -> None:
-    if name not in PRECISIONS:
-        raise BackendError(f"unknown precision {name!r}; available: {', '.join(PRECISIONS)}")
+    if name not in PRECISIONS and name not in REGISTERED:
+        raise BackendError(
+            f"unknown precision {name!r}; available: {', '.join(precision_names())}{failed_plugins_note()}"
+        )
 
 
 # --- the wrappers: one per way of computing a linear layer ------------------------------------
@@ -186,6 +211,8 @@ class Fp8Linear(PrecisionLinear):
 
 
 def wrap(layer: nn.Linear, name: str) -> PrecisionLinear:
+    if name in REGISTERED:
+        return REGISTERED[name].wrap(layer)
     if name == "int8":
         return Int8Linear(layer)
     if name == "fp8":
@@ -196,10 +223,13 @@ def wrap(layer: nn.Linear, name: str) -> PrecisionLinear:
 # --- availability ----------------------------------------------------------------------------
 
 
-def precision_info(name: str, device: str | torch.device) -> BackendInfo:
-    """Whether `name` runs on `device`, and if not, why."""
+def precision_info(name: str, device: str | torch.device, dtype: torch.dtype = torch.float32) -> BackendInfo:
+    """Whether `name` runs on `device` for layers of `dtype`, and if not, why. A built-in runs on
+    layers of any float dtype where it runs at all; a registered one is checked per dtype."""
     check_name(name)
     device = torch.device(device)
+    if name in REGISTERED:
+        return REGISTERED[name].info(device, dtype)
     reason = hardware_requirement(name, device) or probe(name, str(device))
     return BackendInfo(name, "precision", reason is None, reason, DESCRIPTIONS[name])
 
@@ -263,7 +293,9 @@ def apply_precision(model: nn.Module, name: str, *, skip=()) -> PrecisionReport:
     """Run every nn.Linear of `model` in precision `name`, except those whose qualified name
     matches one of the fnmatch patterns in `skip` (e.g. "lm_head", "*.attn1.*"). Any earlier
     precision on the model is restored first, so applying twice replaces rather than stacks.
-    Raises BackendError, with the model left as it was, if `name` cannot run on a layer's device."""
+    Raises BackendError, with the model left as it was, if `name` cannot run on a layer's device
+    and dtype; if a registered precision fails to convert a layer, with the model restored to its
+    own precision."""
     check_name(name)
     if isinstance(skip, str):
         skip = [skip]
@@ -276,20 +308,25 @@ def apply_precision(model: nn.Module, name: str, *, skip=()) -> PrecisionReport:
         else:
             targets.append((qualname, layer))
 
-    for device in sorted({layer.weight.device for _, layer in targets}, key=str):
-        info = precision_info(name, device)
+    places = {(layer.weight.device, layer.weight.dtype) for _, layer in targets}
+    for device, dtype in sorted(places, key=str):
+        info = precision_info(name, device, dtype)
         if not info.available:
-            usable = [p for p in PRECISIONS if precision_info(p, device).available]
+            usable = [p for p in precision_names() if precision_info(p, device, dtype).available]
             raise BackendError(
                 f"precision {name!r} is not available on {device}: {info.reason}; "
                 f"available there: {', '.join(usable)}"
             )
 
-    restore_precision(model)
+    restore_precision(model)  # first, so that the earlier precision's weights are freed before new ones are made
     report = PrecisionReport(name, skipped=skipped)
     with torch.no_grad():
         for qualname, layer in targets:
-            wrapper = wrap(layer, name)
+            try:
+                wrapper = wrap(layer, name)
+            except BackendError:  # a registered precision failing on this layer: none half-converted
+                restore_precision(model)
+                raise
             model.set_submodule(qualname, wrapper)
             report.changed.append(qualname)
             report.bytes_before += layer.weight.nbytes

@@ -5,7 +5,8 @@ Two kinds of backend exist: attention kernels (attention.py) and matmul precisio
 them side by side with the reason a backend cannot run here. The choice of backend is a
 context variable: `use()` (choice.py) sets it for a block of code (and for everything that
 block calls), then restores the previous choice, so two pipelines or two threads never see
-each other's.
+each other's. Installed plugin packages (plugins.py) leave a `PluginSource` each in SOURCES:
+what they registered, or why they failed to load.
 
 Depends on the standard library only; imports none of its siblings (they all import it).
 """
@@ -31,6 +32,37 @@ class BackendError(ValueError):
 
     The message always names the problem and what to use instead; nothing falls back silently.
     """
+
+
+@dataclass(frozen=True)
+class PluginSource:
+    """One installed plugin (an entry point of group `generation_studio.backends`) and what came of loading it."""
+
+    name: str  # the entry point's name
+    value: str  # what it points at, "module:function"
+    distribution: str | None  # the package that declares it, "name version"
+    backends: tuple[str, ...]  # the names it registered; none when it failed
+    error: str | None  # why it failed to load or to register, None when it did both
+
+
+SOURCES: list[PluginSource] = []  # appended to by plugins.load_entry_points only
+
+
+def dtype_name(dtype) -> str:
+    """"bfloat16" for torch.bfloat16: how messages about backends name a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
+def error_line(error: BaseException) -> str:
+    """"TypeError: first line of the message": how messages about backends quote an exception."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def failed_plugins_note() -> str:
+    """A sentence for an "unknown backend" message when installed plugins failed to load ("" when none did)."""
+    failed = [f"{s.name} ({s.error})" for s in SOURCES if s.error]
+    return f"; plugins that failed to load (see `studio backends`): {'; '.join(failed)}" if failed else ""
 
 
 @dataclass(frozen=True)
