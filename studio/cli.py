@@ -19,10 +19,14 @@ def cmd_backends(args) -> int:
     device = torch.device(args.device) if args.device else backends.default_device()
     dtype = getattr(torch, args.dtype) if args.dtype else None
     infos = backends.available(device, dtype)
-    width = max(len(b.name) for b in infos)
+    sources = backends.installed_plugins()
+    width = max(len(name) for name in [b.name for b in infos] + [s.name for s in sources])
     for b in infos:
         status = "yes" if b.available else f"no: {b.reason}"
         print(f"{b.kind:<9} {b.name:<{width}}  {status}")
+    for s in sources:  # installed plugin packages: what each registered, or why it failed to load
+        status = f"FAILED to load: {s.error}" if s.error else f"loaded: {', '.join(s.backends) or 'registered nothing'}"
+        print(f"{'plugin':<9} {s.name:<{width}}  {status} ({s.distribution or s.value})")
     return 0
 
 

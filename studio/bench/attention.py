@@ -18,9 +18,10 @@ from studio.bench.results import Results, Settings, dtype_name, matmul_peak, or_
 
 
 class AttentionBench:
-    """Every kernel on one causal self-attention: B=1, H=16, D=64, S=4,096 fp16 on a GPU (as in
-    ANCHORS) or S=1,024 fp32 on the CPU. The eager kernel's [B, H, S, S] score matrix shows in its
-    peak memory; the flash, memory-efficient, SDPA and tiled kernels never build it."""
+    """Every kernel, built in or registered by a plugin, on one causal self-attention: B=1, H=16,
+    D=64, S=4,096 fp16 on a GPU (as in ANCHORS) or S=1,024 fp32 on the CPU. The eager kernel's
+    [B, H, S, S] score matrix shows in its peak memory; the flash, memory-efficient, SDPA and
+    tiled kernels never build it."""
 
     BATCH, HEADS, HEAD_DIM = 1, 16, 64
 
@@ -33,7 +34,7 @@ class AttentionBench:
         return [(f"attention {name}", lambda name=name: self.run(name)) for name in self.kernels()]
 
     def kernels(self) -> list[str]:
-        return list(backends.ATTENTION_BACKENDS)
+        return backends.attention_names()  # the registered kernels (plugins) next to the built-ins
 
     def run(self, name: str, seq: int | None = None, repeats: int | None = None, warmup: int | None = None) -> dict:
         s = self.settings

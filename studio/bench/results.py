@@ -218,9 +218,10 @@ def peak_key(precision: str | None, dtype: torch.dtype) -> str:
 
 
 def attention_grid(settings: Settings, device, dtype, lane: str) -> list[tuple[str, str | None]]:
-    """(kernel, reason it is skipped or None) for every attention kernel in a lane."""
+    """(kernel, reason it is skipped or None) for every attention kernel in a lane, the registered
+    ones (plugins) after the built-ins."""
     grid = []
-    for name in backends.ATTENTION_BACKENDS:
+    for name in backends.attention_names():
         info = backends.attention_info(name, device, dtype)
         if settings.attention_kernels and name not in settings.attention_kernels and name != "auto":
             grid.append((name, "not asked for (--attention)"))
@@ -237,13 +238,14 @@ def attention_grid(settings: Settings, device, dtype, lane: str) -> list[tuple[s
 
 
 def precision_grid(settings: Settings, device, native: torch.dtype) -> list[tuple[str | None, str | None]]:
-    """(precision or None for the model's own dtype, reason it is skipped or None)."""
+    """(precision or None for the model's own dtype, reason it is skipped or None), the
+    registered ones (plugins) after the built-ins."""
     native_key = peak_key(None, native)
     grid = [(None, None)]
-    for name in backends.PRECISIONS:
+    for name in backends.precision_names():
         if name == native_key:
             continue  # the same as the model's own dtype
-        info = backends.precision_info(name, device)
+        info = backends.precision_info(name, device, native)
         if not info.available:
             grid.append((name, info.reason))
         elif settings.quick and device.type == "cpu" and name != "int8":

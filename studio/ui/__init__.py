@@ -108,13 +108,19 @@ def devices() -> list[str]:
 
 
 def backends_rows(device: str | None = None, dtype: str | None = None) -> list[list[str]]:
-    """One row per backend: name, kind, whether it runs here, and why not."""
+    """One row per backend: name, kind, whether it runs here, and why not; then one per installed
+    plugin package: what it registered, or why it failed to load."""
     device = torch.device(device) if device else backends.default_device()
     dtype = getattr(torch, dtype) if dtype else None
-    return [
+    rows = [
         [b.name, b.kind, "yes" if b.available else "no", b.reason or "", b.description]
         for b in backends.available(device, dtype)
     ]
+    for s in backends.installed_plugins():
+        registered = f"registers {', '.join(s.backends) or 'nothing'}" if s.error is None else "failed to load"
+        rows.append([s.name, "plugin", "yes" if s.error is None else "no", s.error or "",
+                     f"{s.distribution or s.value}: {registered}"])
+    return rows
 
 
 def _choices(kind: str, device: str) -> list[str]:
