@@ -486,18 +486,26 @@ def test_the_apps_backends_tab_and_menus_show_the_plugins():
 @pytest.mark.skipif(importlib.util.find_spec("sageattention") is not None, reason="SageAttention is installed")
 def test_sage_attention_absent_says_so():
     assert "declared for cuda only, not cpu" in backends.attention_info("sage", CPU, torch.bfloat16).reason
-    reason = backends.attention_info("sage", torch.device("cuda"), torch.bfloat16).reason
+    reason = plugins.registered("sage").requirement(torch.device("cuda"), torch.bfloat16)  # asked on a GPU
     assert reason.startswith("SageAttention is not installed (pip install sageattention")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("kernels") is not None, reason="kernels is installed")
 def test_hub_kernels_absent_says_so():
-    reason = backends.attention_info("hub-flash-attn", torch.device("cuda"), torch.float16).reason
+    reason = plugins.registered("hub-flash-attn").requirement(torch.device("cuda"), torch.float16)  # asked on a GPU
     assert reason.startswith("the Hugging Face kernels package is not installed (pip install kernels)")
     name = adapters.register_hub_attention("kernels-community/flash-attn3")  # a hub kernel by id
     try:
         assert name == "hub-flash-attn3"
-        reason = backends.attention_info(name, "cuda", torch.bfloat16).reason
+        assert "declared for cuda only" in backends.attention_info(name, CPU, torch.bfloat16).reason
+        reason = plugins.registered(name).requirement(torch.device("cuda"), torch.bfloat16)
         assert "kernels-community/flash-attn3 cannot be fetched" in reason
     finally:
         backends.unregister(name)
+
+
+def test_a_device_that_is_not_there_says_so_for_every_backend():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is there")
+    for info in backends.available("cuda"):
+        assert info.reason == "CUDA is not available here (no NVIDIA GPU, or a CPU-only torch build)", info

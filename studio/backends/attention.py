@@ -23,7 +23,8 @@ Kernels registered by plugins (plugins.py: `register_attention`) sit in REGISTER
 the same way; each one says itself whether it runs on a device and dtype (it must have passed the
 float64 check there) and whether it takes the inputs at hand.
 
-Depends on torch (xformers optionally) and registry; knows nothing of plugins.py, models or pipelines.
+Depends on torch (xformers optionally), registry and checks; knows nothing of plugins.py, models or
+pipelines.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from .checks import device_missing
 from .registry import BackendError, BackendInfo, current, dtype_name, failed_plugins_note
 
 log = logging.getLogger(__name__)
@@ -322,6 +324,8 @@ def _builtin_info(name: str, device: torch.device, dtype: torch.dtype) -> Backen
 
 
 def _unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    if device_missing(device):
+        return device_missing(device)
     if name in ("eager", "tiled", "sdpa", "auto"):
         return None
     if name in ("sdpa-efficient", "sdpa-cudnn") and device.type != "cuda":

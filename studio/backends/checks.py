@@ -292,6 +292,13 @@ def check_precision(wrap: Callable, device, dtype, max_error: float) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def device_missing(device: torch.device) -> str | None:
+    """Why nothing at all runs on `device` here (asked before any backend is probed or checked)."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "CUDA is not available here (no NVIDIA GPU, or a CPU-only torch build)"
+    return None
+
+
 class CheckFailure(BackendError):
     """A backend's output failed the check; the message names the case and the measured error."""
 

@@ -89,6 +89,8 @@ class Registered:
         return BackendInfo(self.name, self.kind, reason is None, reason, f"{self.description} [{self.origin}]")
 
     def _unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        if checks.device_missing(device):
+            return checks.device_missing(device)
         if self.devices is not None and device.type not in self.devices:
             return f"declared for {' and '.join(self.devices)} only, not {device.type} ({self.origin})"
         if self.dtypes is not None and dtype not in self.dtypes:

@@ -19,7 +19,7 @@ Precisions registered by plugins (plugins.py: `register_precision`) sit in REGIS
 applied the same way; each one says itself whether it runs on a device and dtype (it must have
 passed the float64 check there) and wraps a layer in a PrecisionLinear of its own.
 
-Depends on torch and registry only; never imports plugins.py, a pipeline, the UI or a model library.
+Depends on torch, registry and checks only; never imports plugins.py, a pipeline, the UI or a model library.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import device_missing
 from .registry import BackendError, BackendInfo, failed_plugins_note
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "int8", "fp8")  # the built-ins; precision_names() adds the registered
@@ -236,8 +237,8 @@ def precision_info(name: str, device: str | torch.device, dtype: torch.dtype = t
 
 def hardware_requirement(name: str, device: torch.device) -> str | None:
     """The documented limits, checked first so the reason names the hardware, not a kernel error."""
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return "CUDA is not available here (no NVIDIA GPU, or a CPU-only torch build)"
+    if device_missing(device):
+        return device_missing(device)
     if name == "tf32":
         if device.type != "cuda":
             return f"TF32 is a mode of NVIDIA tensor cores (compute capability >= 8.0); {device.type} has none"
