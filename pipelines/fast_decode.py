@@ -1,8 +1,10 @@
-"""The LLM lane's fast path: a static KV cache, and a decode step the GPU replays as one CUDA graph.
+"""The LLM lane's fast path: a static KV cache, and a compiled decode step (replayed as one CUDA
+graph on a GPU).
 
-    for ev in llm.stream("The cat sat", max_new_tokens=64):                  # CUDA + Llama/Qwen2: this path
+    for ev in llm.stream("The cat sat", max_new_tokens=64):                  # Llama/Qwen2: this path
     for ev in llm.stream("The cat sat", max_new_tokens=64, fast_path=False):  # the plain loop
-    llm.stream("The cat sat", fast_path=True)                                 # this path on the CPU too (eager)
+    llm.fast_decoder = FastDecoder(llm.model, compile="background")          # CPU: compile new shapes
+    llm.fast_decoder.warm_up()                                               # off the request's path
 
 The plain loop (text_generation.py) launches every kernel of every layer from Python, and at batch
 1 a GPU finishes each kernel faster than Python can launch the next: decode runs at a few percent
@@ -38,6 +40,19 @@ Every choice the graph forces, and what it costs:
   - The sampler is not compiled: its settings are Python constants, and compiling them in would
     recompile (tens of seconds) whenever a slider moves; in the graph its kernels cost microseconds.
 
+On the CPU there is no graph to replay, and the step is bound by bytes and by per-operation
+overhead. So: the weights go to bf16 where the CPU multiplies bf16 in hardware (half the bytes;
+`cpu_weight_format` says which and why), and the forward is compiled by inductor with `freezing`
+(the weights become constants that oneDNN prepacks for its matmul kernels: ~2x over the eager
+step) and `cpp_wrapper` (the compiled graph is called from C++, not Python). Compiling takes
+tens of seconds per shape the first time (inductor caches it on disk after that), so
+compile="background" runs each new shape eagerly while a thread compiles it.
+
+If compiling, capturing or running the fast path fails, nothing breaks for the user: a failed
+compile leaves the step eager, a failed capture leaves it uncaptured, and any other failure
+before the first token makes the request run the plain loop; the reason is said once (the
+event's `notice`) and remembered, so later requests do not try the failing path again.
+
 Depends on torch, transformers (the model it reads, its logits processors), the studio core and
 pipelines.sampling / generation (the settings and the events); never on Gradio.
 """
@@ -46,27 +61,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import threading
 from time import perf_counter
 from typing import NamedTuple
 
 import torch
-from torch import nn
 from transformers import LlamaForCausalLM, Qwen2ForCausalLM, RepetitionPenaltyLogitsProcessor
 
 from studio import backends
 from studio.cost import decoder_step_cost
 from studio.profiling import StepTimer
 
+from .fast_llama import MIN_CACHE_LENGTH, FastLlama, StaticKVCache, cache_length
 from .generation import SequenceState, all_finished
 from .sampling import SamplingSettings
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODELS = (LlamaForCausalLM, Qwen2ForCausalLM)  # SmolLM2 and Llama 3 are LlamaForCausalLM
-MIN_CACHE_LENGTH = 256
 WARMUP_STEPS = 3  # PyTorch's CUDA-graph recipe warms up 3 times before capturing
 
 
@@ -84,8 +97,9 @@ def unsupported_reason(model) -> str | None:
 
 
 def wants_fast_path(pipeline, fast_path: bool | None, use_cache: bool, speculative: str | None) -> bool:
-    """Resolve stream()'s fast_path argument. None: on for CUDA when the model and the request
-    allow it, off otherwise (saying why in the log); True: on, or a clear error; False: off."""
+    """Resolve stream()'s fast_path argument. None: on where the model and the request allow it
+    and it has not failed on this device, off otherwise (saying why in the log); True: on, or a
+    clear error; False: off."""
     if fast_path not in (None, True, False):
         raise ValueError(f"fast_path must be True, False or None (on where it helps); got {fast_path!r}")
     if fast_path is False:
@@ -95,200 +109,15 @@ def wants_fast_path(pipeline, fast_path: bool | None, use_cache: bool, speculati
         reason = "use_cache=False asks for the cache-less staircase, which the fast path exists to flatten"
     if reason is None and speculative is not None:
         reason = "speculative decoding verifies drafts in the plain loop"
+    if reason is None and pipeline.fast_path_error is not None:
+        reason = pipeline.fast_path_error
     if fast_path is None:
-        if pipeline.device.type != "cuda":
-            return False
         if reason is not None:
             log.info("fast path off, running the plain loop: %s", reason)
         return reason is None
     if reason is not None:
         raise ValueError(f"fast_path=True, but {reason}; use fast_path=None to pick the plain loop where needed")
     return True
-
-
-# ---------------------------------------------------------------------------------------------
-# The cache
-
-
-class StaticKVCache:
-    """K and V of every layer, [batch, kv_heads, max_len, head_dim], allocated once and written in
-    place at `input_pos`, so a captured graph always finds them at the same addresses.
-
-    `valid` [batch, max_len] marks the slots that hold a real token: not yet written slots and
-    left padding are False, and attention is masked with it. `filled` counts the slots written,
-    on the host (the device's own count is the decode step's input_pos)."""
-
-    def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
-        shape = (batch, kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.filled = 0
-
-    @property
-    def max_len(self) -> int:
-        return self.valid.shape[1]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the key and value tensors: all of them, from the start."""
-        return sum(t.nbytes for t in self.keys + self.values)
-
-
-def cache_length(needed: int, context: int | None) -> int:
-    """Slots for a request: a power of two >= needed (and >= MIN_CACHE_LENGTH), within the context.
-    Each distinct length is a new shape to compile and capture; powers of two keep them few."""
-    length = max(MIN_CACHE_LENGTH, 1 << (needed - 1).bit_length())
-    return min(length, context) if context is not None else length
-
-
-# ---------------------------------------------------------------------------------------------
-# The model, laid out for decoding
-
-
-def _shared_linear(layer) -> nn.Linear:
-    """An nn.Linear holding `layer`'s own weight and bias tensors (no copy). `layer` may be wrapped
-    by backends.apply_precision; its .weight is then the original's."""
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-    linear.weight = layer.weight
-    if layer.bias is not None:
-        linear.bias = layer.bias
-    return linear
-
-
-def _fused_linear(*layers) -> nn.Linear:
-    """One nn.Linear whose output rows are those of `layers`, stacked: one matmul reads the input
-    once and launches once. A copy of the weights, built once."""
-    with torch.no_grad():
-        weight = torch.cat([layer.weight for layer in layers])
-        biases = [layer.bias for layer in layers]
-        bias = torch.cat(biases) if all(b is not None for b in biases) else None
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        linear.bias = nn.Parameter(bias, requires_grad=False)
-    return linear
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of dimensions (i, i + head_dim/2) by each position's angles, as Llama does."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-def prompt_attention(q, k_cache, v_cache, *, length, mask, scale):
-    """Prefill: the prompt's queries over the slots it filled (the rest of the cache is empty),
-    causal, through the studio's backends: the kernel `backends.use()` chose, by default the
-    fastest that runs here (cuDNN or flash through SDPA on a GPU)."""
-    k, v = k_cache[:, :, :length], v_cache[:, :, :length]
-    return backends.attention(q, k, v, causal=True, mask=mask, scale=scale)
-
-
-def cached_attention(q, k_cache, v_cache, *, valid, scale):
-    """Decode: one query per sequence over every slot of the static cache, masked to the slots
-    holding a token. The shapes never change, so the step can be captured as a graph.
-
-    Written out rather than through SDPA: grouped-query attention with a mask sends SDPA to
-    kernels that first copy K and V once per query head, and at one query per head the two
-    matmuls below (each K/V head against its group of query heads, side by side) read the cache
-    exactly once."""
-    batch, heads, _, head_dim = q.shape
-    kv_heads = k_cache.shape[1]
-    grouped = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
-    scores = (grouped @ k_cache.transpose(-1, -2)).float() * scale  # [batch, kv_heads, group, max_len]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    # softmax in fp32, as the backends do: bf16's 8 bits of mantissa are too few over many keys
-    weights = torch.softmax(scores, dim=-1).to(q.dtype)
-    return (weights @ v_cache).reshape(batch, heads, 1, head_dim)
-
-
-class FastBlock(nn.Module):
-    """One decoder layer: norm -> fused QKV -> RoPE -> write K/V into the cache -> attention ->
-    output projection, then norm -> fused gate/up -> activation -> down projection."""
-
-    def __init__(self, layer, heads: int, kv_heads: int, head_dim: int):
-        super().__init__()
-        attn, mlp = layer.self_attn, layer.mlp
-        self.wqkv = _fused_linear(attn.q_proj, attn.k_proj, attn.v_proj)
-        self.wo = _shared_linear(attn.o_proj)
-        self.w13 = _fused_linear(mlp.gate_proj, mlp.up_proj)
-        self.w2 = _shared_linear(mlp.down_proj)
-        # the model's own norm and activation modules: the same arithmetic, bit for bit
-        self.attention_norm = layer.input_layernorm
-        self.mlp_norm = layer.post_attention_layernorm
-        self.act = mlp.act_fn
-        self.split = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
-        self.head_dim = head_dim
-
-    def forward(self, x, rope, k_cache, v_cache, slots, attend):
-        batch, length, _ = x.shape
-        q, k, v = self.wqkv(self.attention_norm(x)).split(self.split, dim=-1)
-        q = q.view(batch, length, -1, self.head_dim).transpose(1, 2)
-        k = k.view(batch, length, -1, self.head_dim).transpose(1, 2)
-        v = v.view(batch, length, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        k_cache.index_copy_(2, slots, k)
-        v_cache.index_copy_(2, slots, v)
-        out = attend(q, k_cache, v_cache)
-        x = x + self.wo(out.transpose(1, 2).reshape(batch, length, -1))
-        gate, up = self.w13(self.mlp_norm(x)).chunk(2, dim=-1)
-        return x + self.w2(self.act(gate) * up)
-
-
-class FastLlama(nn.Module):
-    """A LlamaForCausalLM or Qwen2ForCausalLM's weights in decoding layout. Embedding, norms and
-    lm_head are the model's own tensors; q/k/v and gate/up are fused copies (about half of a
-    small model's weights again, in memory: the price of 4 matmuls per block instead of 7)."""
-
-    def __init__(self, model):
-        super().__init__()
-        config = model.config
-        inner = model.model
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.hidden = config.hidden_size
-        self.scale = self.head_dim**-0.5
-        self.embed_tokens = inner.embed_tokens
-        self.layers = nn.ModuleList(
-            FastBlock(layer, self.heads, self.kv_heads, self.head_dim) for layer in inner.layers
-        )
-        self.norm = inner.norm
-        self.lm_head = _shared_linear(model.get_output_embeddings())
-        self.vocab = self.lm_head.out_features
-        # the rotary frequencies as transformers computed them, rope scaling (Llama 3's) included
-        self.register_buffer("inv_freq", inner.rotary_emb.inv_freq, persistent=False)
-        self.rope_scaling = inner.rotary_emb.attention_scaling
-
-    def rope_tables(self, positions, dtype):
-        """cos and sin [batch, 1, len, head_dim] of each position's angles, as transformers' rotary
-        embedding computes them (fp32 angles, then the model's dtype)."""
-        freqs = positions[..., None].float() * self.inv_freq.float()
-        angles = torch.cat((freqs, freqs), dim=-1)
-        cos = (angles.cos() * self.rope_scaling).to(dtype)
-        sin = (angles.sin() * self.rope_scaling).to(dtype)
-        return cos[:, None], sin[:, None]
-
-    def prefill_logits(self, token_ids, positions, cache: StaticKVCache, mask):
-        """The prompt [batch, len] into slots 0..len-1; float32 logits of its last position."""
-        length = token_ids.shape[1]
-        slots = torch.arange(length, device=token_ids.device)
-        attend = functools.partial(prompt_attention, length=length, mask=mask, scale=self.scale)
-        return self.run(token_ids, positions, slots, cache, attend)
-
-    def decode_logits(self, token_ids, positions, input_pos, cache: StaticKVCache):
-        """One token per sequence [batch, 1] into slot input_pos; float32 logits [batch, vocab]."""
-        attend = functools.partial(cached_attention, valid=cache.valid, scale=self.scale)
-        return self.run(token_ids, positions, input_pos, cache, attend)
-
-    def run(self, token_ids, positions, slots, cache, attend):
-        x = self.embed_tokens(token_ids)
-        rope = self.rope_tables(positions, x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, cache.keys[i], cache.values[i], slots, attend)
-        # the norm works per position, so normalising only the last one gives the same logits
-        return self.lm_head(self.norm(x[:, -1])).float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,35 +177,68 @@ class StepSampler:
 # The decoder, its sessions and the captured step
 
 
+def cpu_weight_format(device: torch.device) -> tuple[str | None, str]:
+    """The matmul precision the fast path gives a model that has none of its own on `device`
+    (None: the model's own dtype), and why."""
+    if device.type != "cpu":
+        return None, f"on {device.type} the weights keep the model's own dtype"
+    if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported():
+        return "bf16", "this CPU multiplies bf16 in hardware (AMX or AVX512-BF16): bf16 weights, half the bytes of fp32"
+    return None, "this CPU has no bf16 matmul instructions (AMX, AVX512-BF16), so bf16 would be emulated: fp32 weights"
+
+
 class FastDecoder:
     """The fast path for one loaded model: its weights in FastLlama layout (in the model's matmul
-    precision), the decode forward (compiled or not) and the session it decodes in.
+    precision, or the CPU's fastest format), the decode forward (compiled or not) and the session
+    it decodes in.
 
-    compile: torch.compile the decode forward before capture (default: on CUDA). graph: capture
-    decode_one_token as a CUDA graph (default: on CUDA; CUDA only). Built once per model and
+    compile: torch.compile the decode forward; True compiles a new shape when it is first met,
+    "background" runs it eagerly meanwhile and compiles in a thread (default: True on CUDA, off
+    on the CPU; the app and the server use "background"). graph: capture decode_one_token as a
+    CUDA graph (default: on CUDA; CUDA only). weights: the matmul precision of a model that has
+    none of its own: "auto" (the CPU's fastest format, see cpu_weight_format), None (the model's
+    own dtype: the plain loop's tokens exactly) or a precision name. Built once per model and
     precision by `decoder_for`; to change a setting, assign a new one to `pipeline.fast_decoder`.
     """
 
-    def __init__(self, model, precision: str | None = None, *, compile: bool | None = None, graph: bool | None = None):
+    def __init__(self, model, precision: str | None = None, *, compile: bool | str | None = None,
+                 graph: bool | None = None, weights: str | None = "auto"):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the fast path cannot run this model: {reason}")
+        if compile not in (None, True, False, "background"):
+            raise ValueError(f"compile must be True, False, 'background' or None; got {compile!r}")
         self.source = model
         self.model = FastLlama(model).eval()
-        self.precision = precision
-        if precision is not None:
-            backends.apply_precision(self.model, precision)
+        self.precision = precision  # the model's own, which this decoder mirrors
         self.device = self.model.lm_head.weight.device
         self.dtype = self.model.embed_tokens.weight.dtype
+        self.weights_option = weights
+        if precision is not None:
+            self.weights, self.weights_reason = precision, f"the matmul precision chosen for the model ({precision})"
+        elif weights == "auto":
+            self.weights, self.weights_reason = cpu_weight_format(self.device)
+        else:
+            self.weights, self.weights_reason = weights, "asked for" if weights else "the model's own dtype, as asked"
+        if self.weights is not None:
+            backends.apply_precision(self.model, self.weights)
         on_cuda = self.device.type == "cuda"
         self.compile = on_cuda if compile is None else compile
         self.graph = on_cuda if graph is None else graph
         if self.graph and not on_cuda:
             raise ValueError(f"CUDA graphs need a CUDA device; this model is on {self.device.type}")
-        forward = self.model.decode_logits
+        self.eager_forward = self.model.decode_logits
         # not fullgraph: a graph break (a precision wrapper setting a global flag, say) costs a
-        # little speed, and the CUDA graph records the eager pieces between compiled ones too
-        self.decode_forward = torch.compile(forward, dynamic=False) if self.compile else forward
+        # little speed, and the CUDA graph records the eager pieces between compiled ones too.
+        # On the CPU, freezing lets oneDNN prepack the weights and cpp_wrapper drops the Python
+        # between kernels; options= keeps both to this compile instead of inductor's global config.
+        options = None if on_cuda else {"freezing": True, "cpp_wrapper": True}
+        self.compiled_forward = torch.compile(self.eager_forward, dynamic=False, options=options) if self.compile else None
+        self.compiled: dict[tuple[int, int], float] = {}  # (batch, cache length) -> seconds its compile took
+        self.compile_error: str | None = None  # why compiling failed: the step then stays eager
+        self.capture_error: str | None = None  # why capturing failed: the step then runs uncaptured
+        self._told: set[str] = set()
+        self._compiling: set[tuple[int, int]] = set()
         self._session: DecodeSession | None = None
         self._busy = False
         self._lock = threading.Lock()
@@ -387,6 +249,49 @@ class FastDecoder:
         weight = model.get_output_embeddings().weight
         layout = (weight.dtype, weight.device) == (self.dtype, self.device)
         return model is self.source and precision == self.precision and layout
+
+    def forward_for(self, batch: int, max_len: int):
+        """The decode forward for these shapes: compiled where it is (or, compile=True, compiles it
+        now), eager while a background compile runs or after a compile failed."""
+        shape = (batch, max_len)
+        if self.compiled_forward is None or self.compile_error is not None:
+            return self.eager_forward
+        if shape not in self.compiled:
+            if self.compile == "background":
+                self.warm_up(batch, max_len, background=True)
+                return self.eager_forward
+            self.warm_up(batch, max_len)
+        return self.compiled_forward if self.compile_error is None else self.eager_forward
+
+    def warm_up(self, batch: int = 1, max_len: int = MIN_CACHE_LENGTH, background: bool = False):
+        """Compile the decode forward for these shapes now, on a scratch cache, and record how long
+        it took (`compiled`); background=True does it in a thread and returns at once. A failure
+        is recorded in `compile_error` (the step then stays eager), never raised."""
+        shape = (batch, max_len)
+        with self._lock:
+            if self.compiled_forward is None or shape in self.compiled or shape in self._compiling:
+                return
+            self._compiling.add(shape)
+        if background:
+            threading.Thread(target=self._compile, args=shape, daemon=True, name=f"compile {shape}").start()
+        else:
+            self._compile(*shape)
+
+    def _compile(self, batch: int, max_len: int):
+        model = self.model
+        cache = StaticKVCache(len(model.layers), batch, model.kv_heads, max_len, model.head_dim, self.dtype, self.device)
+        token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        started = perf_counter()
+        try:
+            with torch.no_grad():
+                self.compiled_forward(token, token, torch.zeros(1, dtype=torch.long, device=self.device), cache)
+            self.compiled[(batch, max_len)] = perf_counter() - started
+        except Exception as error:  # any failure of the compiler: the eager step is still right
+            self.compile_error = f"compiling the decode step failed ({first_line(error)}); it runs uncompiled"
+            log.warning("fast path: %s", self.compile_error)
+        finally:
+            with self._lock:
+                self._compiling.discard((batch, max_len))
 
     @contextlib.contextmanager
     def session(self, batch: int, max_len: int, sampler: StepSampler):
@@ -415,14 +320,39 @@ class FastDecoder:
     def last_session(self) -> DecodeSession | None:
         return self._session
 
+    def news(self) -> str | None:
+        """A failure of compiling or capturing the user has not been told about yet (once each)."""
+        untold = [e for e in (self.compile_error, self.capture_error) if e and e not in self._told]
+        self._told.update(untold)
+        return "; ".join(untold) or None
+
+    def status(self) -> str:
+        """One line for the user: the weights, and whether (and how fast) the step compiled."""
+        weights = self.weights or str(self.dtype).removeprefix("torch.").replace("float", "fp").replace("bfp16", "bf16")
+        if self.compiled_forward is None:
+            compiled = "eager"
+        elif self.compile_error:
+            compiled = self.compile_error
+        elif self.compiled:
+            compiled = "compiled (" + ", ".join(f"{s:.0f} s" for s in self.compiled.values()) + ")"
+        else:
+            compiled = "compiling in the background, eager meanwhile" if self._compiling else "compiles on first use"
+        captured = f"; {self.capture_error}" if self.capture_error else ""
+        return f"fast path: {weights} weights ({self.weights_reason}); decode step {compiled}{captured}"
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
 
 def decoder_for(pipeline) -> FastDecoder:
     """The pipeline's FastDecoder, rebuilt when its model or matmul precision changed (keeping
-    the compile and graph settings of the one it replaces)."""
+    the compile, graph and weights settings of the one it replaces)."""
     precision = backends.precision_of(pipeline.model)
     current = pipeline.fast_decoder
     if current is None or not current.matches(pipeline.model, precision):
-        options = dict(compile=current.compile, graph=current.graph) if current is not None else {}
+        options = dict(compile=current.compile, graph=current.graph, weights=current.weights_option) if current else {}
         pipeline.fast_decoder = FastDecoder(pipeline.model, precision, **options)
     return pipeline.fast_decoder
 
@@ -434,7 +364,7 @@ class DecodeSession:
     def __init__(self, decoder: FastDecoder, batch: int, max_len: int, sampler: StepSampler):
         model, device = decoder.model, decoder.device
         self.key = (batch, max_len, sampler.key)
-        self.model, self.sampler, self.forward = model, sampler, decoder.decode_forward
+        self.decoder, self.model, self.sampler, self.shape = decoder, model, sampler, (batch, max_len)
         self.cache = StaticKVCache(
             len(model.layers), batch, model.kv_heads, max_len, model.head_dim, decoder.dtype, device
         )
@@ -448,9 +378,13 @@ class DecodeSession:
         self.step = lambda: self.decode_one_token(self.token, self.input_pos)
         if device.type == "cuda":
             self.warmup_s = self._warm_up(device)
-            if decoder.graph:
+            if decoder.graph and decoder.capture_error is None:
                 started = perf_counter()
-                self.step = CapturedStep(self.decode_one_token, self.token, self.input_pos)
+                try:
+                    self.step = CapturedStep(self.decode_one_token, self.token, self.input_pos)
+                except Exception as error:  # the uncaptured step computes the same tokens
+                    decoder.capture_error = f"capturing the decode step failed ({first_line(error)}); it runs uncaptured"
+                    log.warning("fast path: %s", decoder.capture_error)
                 self.capture_s = perf_counter() - started
 
     def prefill(self, input_ids, attention_mask, generator) -> StepOutput:
@@ -485,7 +419,8 @@ class DecodeSession:
         self.cache.valid.index_fill_(1, input_pos, True)  # the new token attends to itself too
         if self.seen is not None:
             self.seen.scatter_(1, token[:, None], True)
-        logits = self.forward(token[:, None], self.positions[:, None], input_pos, self.cache)
+        forward = self.decoder.forward_for(*self.shape)
+        logits = forward(token[:, None], self.positions[:, None], input_pos, self.cache)
         out = self.sampler(logits, self.seen, self.noise)
         token.copy_(out.next_token)
         input_pos.add_(1)
@@ -558,8 +493,26 @@ class PendingStep:
 # The loop
 
 
-def fast_generate(pipeline, input_ids, attention_mask, request):
-    """The plain loop's events (prefill, then one per decode step) from the fast path."""
+def fast_generate(pipeline, input_ids, attention_mask, request, *, fallback):
+    """The plain loop's events from the fast path; the plain loop itself (`fallback`) if the fast
+    path fails before its first event, with the reason told on that run's first event and kept
+    on the pipeline (`fast_path_error`) so that later requests go straight to the plain loop."""
+    events = _fast_events(pipeline, input_ids, attention_mask, request)
+    try:
+        first = next(events)
+    except StopIteration:
+        return
+    except Exception as error:  # set-up, compile, capture or the first steps: nothing shown yet
+        pipeline.fast_path_error = f"the fast path failed on {pipeline.device.type} ({first_line(error)})"
+        log.warning("%s; running the plain loop", pipeline.fast_path_error)
+        events = fallback(pipeline, input_ids, attention_mask, request)
+        first = next(events)
+        first.notice = f"{pipeline.fast_path_error}: this and later requests run the plain loop"
+    yield first
+    yield from events
+
+
+def _fast_events(pipeline, input_ids, attention_mask, request):
     decoder = decoder_for(pipeline)
     batch, length = input_ids.shape
     max_len = cache_length(length + request.max_new_tokens, pipeline.context_length)
@@ -591,6 +544,7 @@ def fast_generate(pipeline, input_ids, attention_mask, request):
                     top=(step.top_raw_ids[i], step.top_raw_probs[i]),
                     top_processed=(step.top_processed_ids[i], step.top_processed_probs[i]),
                     kv_cache_bytes=session.cache.nbytes, flops=flops, bytes=bytes_moved, shapes=shapes,
+                    notice=decoder.news() if index == 0 and sequence.index == 0 else None,
                 )
             if all_finished(sequences, request):
                 return

@@ -13,6 +13,7 @@ Depends on torch, studio.events and pipelines.sampling; never on a loop, a model
 
 from __future__ import annotations
 
+import inspect
 import threading
 from dataclasses import dataclass, field
 
@@ -41,6 +42,7 @@ class TokenStep(Step):
     drafted: list[int] | None = None
     from_draft: bool | None = None
     rejected: list[int] | None = None
+    notice: str | None = None  # something the user should be told once, e.g. that the fast path fell back
 
 
 @dataclass
@@ -133,6 +135,12 @@ class SequenceState:
 def all_finished(sequences: list[SequenceState], request: GenerationRequest) -> bool:
     """Whether a loop should stop: every sequence finished, or the caller asked to stop."""
     return all(s.finished for s in sequences) or request.cancelled
+
+
+def cache_keyword(model) -> str:
+    """The name a transformers model's forward takes its KV cache by: `cache` from transformers
+    5.24 on (which warns about the older name), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def kv_cache_bytes(kv_cache) -> int:

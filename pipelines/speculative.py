@@ -32,7 +32,7 @@ from studio import backends
 from studio.cost import decoder_step_cost
 from studio.profiling import StepTimer
 
-from .generation import SequenceState, kv_cache_bytes
+from .generation import SequenceState, cache_keyword, kv_cache_bytes
 from .sampling import choose_token, top_tokens
 
 
@@ -62,6 +62,7 @@ class ModelDraft:
         self.model = model
         self.attention = attention
         self.kv_cache = DynamicCache(config=model.config)
+        self.cache_keyword = cache_keyword(model)
 
     def propose(self, ids: list[int], k: int, processors, settings, generator) -> tuple[list[int], torch.Tensor]:
         device = next(self.model.parameters()).device
@@ -71,7 +72,8 @@ class ModelDraft:
             for _ in range(k):
                 # feed what the draft's cache has not seen yet: the whole prompt at first, then 1-2 tokens
                 new = sequence[:, self.kv_cache.get_seq_length() :]
-                logits = self.model(input_ids=new, past_key_values=self.kv_cache, use_cache=True, logits_to_keep=1).logits
+                cache = {self.cache_keyword: self.kv_cache}
+                logits = self.model(input_ids=new, **cache, use_cache=True, logits_to_keep=1).logits
                 scores = processors(sequence, logits[:, -1, :].float())
                 token = choose_token(scores, settings, generator)
                 q_probs.append(torch.softmax(scores, dim=-1)[0])

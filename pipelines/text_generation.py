@@ -44,6 +44,7 @@ from .generation import (
     SequenceState,
     TokenStep,
     all_finished,
+    cache_keyword,
     decode_text,
     kv_cache_bytes,
 )
@@ -62,13 +63,15 @@ class TextGenerationPipeline:
         self.precision = precision
         use_studio_attention(self.model)
         self.shape = decoder_shape(self.model)
+        self.cache_keyword = cache_keyword(self.model)
         config = self.model.config.get_text_config()
         self.context_length = getattr(config, "max_position_embeddings", None)
         eos = self.model.generation_config.eos_token_id
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids, default=0)
-        self.fast_decoder = None  # the GPU fast path's decoder (fast_decode.py), built on first use
+        self.fast_decoder = None  # the fast path's decoder (fast_decode.py), built on first use
+        self.fast_path_error: str | None = None  # why the fast path failed here: it is not tried again
 
     @classmethod
     def from_pretrained(
@@ -146,8 +149,11 @@ class TextGenerationPipeline:
         tokenizer), "prompt-lookup" (n-grams of the context) or "self" (the target's first
         layers; draft= the number of layers, default a quarter). Stop between steps by closing
         the iterator or setting stop_event; the KV cache is freed either way.
-        fast_path: a static KV cache and a CUDA-graph decode step (fast_decode.py), same events;
-        None: on for CUDA where the model and request allow it, True: on (eager on the CPU), False: off.
+        fast_path: a static KV cache and a compiled decode step, a CUDA graph on a GPU
+        (fast_decode.py), same events; None: on where the model and request allow it, True: on,
+        False: off. On a CPU with bf16 matmul instructions its weights are bf16, so it may pick
+        another token where two are nearly tied; fast_path=False is the fp32 loop that matches
+        transformers' generate() token for token.
 
         The request is checked, and the backends chosen (a `backends.use()` scope around this
         call, else the pipeline's defaults), when stream() is called; they hold for the whole run.
@@ -164,7 +170,7 @@ class TextGenerationPipeline:
         if speculative is not None:
             loop = functools.partial(speculative_generate, mode=speculative, draft=draft, k=num_draft_tokens)
         elif fast:
-            loop = fast_generate
+            loop = functools.partial(fast_generate, fallback=functools.partial(generate, use_cache=True))
         else:
             loop = functools.partial(generate, use_cache=use_cache)
         return self._run(prompts, chat, request, choice.precision, loop)
@@ -214,8 +220,8 @@ class TextGenerationPipeline:
         # generator may be resumed from another thread, where a held context would not apply
         with torch.no_grad(), backends.use(attention=request.attention):
             out = self.model(
-                input_ids=new_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=kv_cache,
-                use_cache=kv_cache is not None, logits_to_keep=logits_to_keep, output_hidden_states=True,
+                input_ids=new_ids, attention_mask=attention_mask, position_ids=positions,
+                **{self.cache_keyword: kv_cache}, use_cache=kv_cache is not None, logits_to_keep=logits_to_keep, output_hidden_states=True,
             )
         shapes = {"token_ids": tuple(new_ids.shape), "embeddings": tuple(out.hidden_states[0].shape)}
         for i, hidden in enumerate(out.hidden_states[1:]):

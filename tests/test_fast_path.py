@@ -1,11 +1,13 @@
-"""The GPU fast paths of both lanes, against the plain loops they replace.
+"""The fast paths of both lanes, against the plain loops they replace.
 
-On the CPU the LLM fast path runs eagerly (static cache, fused weights, in-step sampling: all but
-the graph), which is what most tests here check; the CUDA-graph tests run where a GPU is present
-and are skipped cleanly elsewhere.
+On the CPU the LLM fast path runs eagerly in most tests here (static cache, fused weights,
+in-step sampling: all but the compile and the graph), in the model's own dtype so that its tokens
+must be the plain loop's exactly; one slow test compiles it. The CUDA-graph tests run where a GPU
+is present and are skipped cleanly elsewhere.
 """
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -13,17 +15,13 @@ import torch
 from tiny_models import SIZE, generate_image, studio_pipeline, tiny_dit_components, tiny_llm, tiny_sd_components
 from transformers import DynamicCache
 
-from pipelines.fast_decode import (
-    MIN_CACHE_LENGTH,
-    CapturedStep,
-    FastDecoder,
-    StepSampler,
-    cache_length,
-)
+from pipelines.fast_decode import CapturedStep, FastDecoder, StepSampler, cpu_weight_format
+from pipelines.fast_llama import MIN_CACHE_LENGTH, cache_length
 from pipelines.fast_diffusion import enable_fast_path, warm_up
 from pipelines.sampling import SamplingSettings
 from pipelines.text_generation import TextGenerationPipeline
 from studio import backends
+from studio.bench.agreement import agreement
 from studio.backends.precision import PrecisionLinear
 from studio.integrations.diffusers import StudioAttnProcessor
 
@@ -34,7 +32,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def llm(request, tokenizer):
-    return TextGenerationPipeline(tiny_llm(request.param), tokenizer)
+    pipeline = TextGenerationPipeline(tiny_llm(request.param), tokenizer)
+    # the model's own dtype, not the CPU's fastest format: the plain loop's tokens exactly
+    pipeline.fast_decoder = FastDecoder(pipeline.model, weights=None)
+    return pipeline
 
 
 def assert_same_events(plain, fast):
@@ -143,7 +144,7 @@ def test_stop_event_ends_generation(llm):
 def test_static_cache_is_written_at_input_pos_and_matches_transformers(tokenizer):
     model = tiny_llm("llama")
     ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
-    decoder = FastDecoder(model)
+    decoder = FastDecoder(model, weights=None)
     steps = 5
     with decoder.session(1, 64, StepSampler(SamplingSettings(), top_n=3)) as session, torch.no_grad():
         out = session.prefill(ids, torch.ones_like(ids), generator=None)
@@ -179,7 +180,7 @@ def test_cache_length_is_a_power_of_two_within_the_context():
 
 def test_weights_are_shared_and_fused(tokenizer):
     model = tiny_llm("qwen2")  # Qwen2: biases on q, k and v, fused with them
-    decoder = FastDecoder(model)
+    decoder = FastDecoder(model, weights=None)
     block, layer = decoder.model.layers[0], model.model.layers[0]
     assert block.wo.weight is layer.self_attn.o_proj.weight and block.w2.weight is layer.mlp.down_proj.weight
     assert decoder.model.lm_head.weight is model.lm_head.weight
@@ -194,10 +195,98 @@ def test_weights_are_shared_and_fused(tokenizer):
 # Choosing the path
 
 
-def test_on_the_cpu_the_default_is_the_plain_loop(tokenizer):
+def test_on_the_cpu_the_default_is_the_fast_path_in_the_cpus_fastest_format(tokenizer):
     llm = TextGenerationPipeline(tiny_llm("llama"), tokenizer)
-    llm(PROMPT, max_new_tokens=2)
-    assert llm.fast_decoder is None
+    out = llm(PROMPT, max_new_tokens=12)
+    decoder = llm.fast_decoder
+    assert decoder is not None and decoder.last_session is not None
+    assert decoder.weights == cpu_weight_format(torch.device("cpu"))[0]
+    assert decoder.weights_reason in decoder.status()
+    # bf16 weights may part from the plain loop where two tokens are nearly tied: the precision's
+    # teacher-forced agreement is what the fast path promises, measured as the bench measures it
+    if decoder.weights is not None:
+        assert agreement(llm, PROMPT, new_tokens=32, precision=decoder.weights)["top1_agreement"] >= 0.9
+    else:
+        assert out.token_ids == llm(PROMPT, max_new_tokens=12, fast_path=False).token_ids
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, "bf16"), (False, None)])
+def test_a_cpu_without_fast_bf16_keeps_fp32_weights_and_says_why(monkeypatch, bf16, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    weights, reason = cpu_weight_format(torch.device("cpu"))
+    assert weights == expected
+    assert ("no bf16 matmul instructions" in reason) == (not bf16)
+    decoder = FastDecoder(tiny_llm("llama"))
+    assert decoder.weights == expected and reason in decoder.status()
+
+
+def test_a_failing_fast_path_falls_back_to_the_plain_loop_once_and_for_all(tokenizer, monkeypatch):
+    llm = TextGenerationPipeline(tiny_llm("llama"), tokenizer)
+    expected = llm(PROMPT, max_new_tokens=6, fast_path=False)
+    calls = []
+
+    def broken_prefill(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr("pipelines.fast_decode.DecodeSession.prefill", broken_prefill)
+    out = llm(PROMPT, max_new_tokens=6)
+    assert out.token_ids == expected.token_ids
+    assert "the fast path failed on cpu (no kernel image" in out.steps[1].notice
+    assert [e.notice for e in out.steps[2:]] == [None] * 5  # said once
+    again = llm(PROMPT, max_new_tokens=6)
+    assert again.token_ids == expected.token_ids and len(calls) == 1  # not tried again
+    assert all(e.notice is None for e in again.steps)
+    with pytest.raises(ValueError, match="fast_path=True, but the fast path failed on cpu"):
+        llm(PROMPT, max_new_tokens=2, fast_path=True)
+
+
+def test_a_failed_compile_leaves_the_step_eager_and_is_told_once(llm):
+    llm.fast_decoder = FastDecoder(llm.model, weights=None, compile=True)
+
+    def failing_compiler(*args):
+        raise RuntimeError("C++ compile error: g++ not found")
+
+    llm.fast_decoder.compiled_forward = failing_compiler
+    plain = llm(PROMPT, max_new_tokens=8, fast_path=False)
+    fast = llm(PROMPT, max_new_tokens=8, fast_path=True)
+    assert_same_events(plain, fast)
+    assert "compiling the decode step failed (C++ compile error" in fast.steps[1].notice
+    assert llm(PROMPT, max_new_tokens=4, fast_path=True).steps[1].notice is None
+    assert "runs uncompiled" in llm.fast_decoder.status()
+    llm.fast_decoder = FastDecoder(llm.model, weights=None)
+
+
+def test_background_compile_runs_eagerly_until_the_shape_is_compiled(llm):
+    decoder = llm.fast_decoder = FastDecoder(llm.model, weights=None, compile="background")
+    compiled_calls = []
+    release = threading.Event()
+
+    def slow_compiled(*args):  # stands in for torch.compile's first call: slow, then fast
+        release.wait(timeout=30)
+        compiled_calls.append(1)
+        return decoder.eager_forward(*args)
+
+    decoder.compiled_forward = slow_compiled
+    plain = llm(PROMPT, max_new_tokens=6, fast_path=False)
+    assert_same_events(plain, llm(PROMPT, max_new_tokens=6, fast_path=True))  # eager meanwhile
+    assert "compiling in the background" in decoder.status()
+    release.set()
+    while decoder._compiling:
+        time.sleep(0.01)
+    assert (1, MIN_CACHE_LENGTH) in decoder.compiled and compiled_calls == [1]  # the scratch warm-up
+    assert_same_events(plain, llm(PROMPT, max_new_tokens=6, fast_path=True))
+    assert len(compiled_calls) == 1 + 5  # every decode step of that run went through the compiled forward
+    llm.fast_decoder = FastDecoder(llm.model, weights=None)
+
+
+@pytest.mark.slow
+def test_the_compiled_cpu_step_gives_the_eager_steps_tokens(tokenizer):
+    llm = TextGenerationPipeline(tiny_llm("llama"), tokenizer)
+    llm.fast_decoder = FastDecoder(llm.model, weights=None, compile=True)
+    assert_same_events(llm(PROMPT, max_new_tokens=8, fast_path=False), llm(PROMPT, max_new_tokens=8, fast_path=True))
+    assert llm.fast_decoder.compiled and llm.fast_decoder.compile_error is None
 
 
 def test_an_unsupported_model_refuses_fast_path_true_and_defaults_to_the_plain_loop(tokenizer):

@@ -68,7 +68,7 @@ def llm():
 
 def test_kv_bytes_per_token_equal_what_the_lane_allocates(llm):
     analysis = inspector.analyse(llm.model.config.to_dict(), dtype="fp32")
-    events = list(llm.stream(PROMPT, max_new_tokens=8))
+    events = list(llm.stream(PROMPT, max_new_tokens=8, fast_path=False))  # the dynamic cache grows per token
     prompt_len, generated = len(events[0].token_ids), len(events) - 1
     # after the last step the cache holds the prompt and every generated token but the last
     assert events[-1].kv_cache_bytes == analysis.kv_bytes_per_token * (prompt_len + generated - 1)
