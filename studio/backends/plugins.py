@@ -104,8 +104,9 @@ class Registered:
                 return str(reason)
         try:
             self._check(device, dtype)
-        except BackendError as error:  # a CheckFailure, or the backend's own error turned into one
-            return f"failed the check against the float64 reference on {device.type} {dtype_name(dtype)}: {error}"
+        except Exception as error:  # a CheckFailure naming the case, or the battery's inputs not made on this device
+            why = error if isinstance(error, BackendError) else error_line(error)
+            return f"failed the check against the float64 reference on {device.type} {dtype_name(dtype)}: {why}"
         return None
 
     def _check(self, device: torch.device, dtype: torch.dtype) -> None:
