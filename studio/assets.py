@@ -1,5 +1,7 @@
 """The shipped default models: `assets/manifest.json` lists them, and `resolve` turns a model's
-name into a local folder that transformers or diffusers loads offline.
+name into a local folder that transformers or diffusers loads offline. `default_model` says which
+one the app, the CLI and the examples start with, and `operator_models` reads the models an
+operator adds to the app's allow-list (STUDIO_MODELS).
 
 Every shipped file is checked against the sha256 in the manifest before it is first used in a
 process, so a missing or damaged file is reported with the command that restores it instead of
@@ -61,6 +63,7 @@ class ShippedModel:
     # is (a Hugging Face Space installs requirements.txt, which cannot carry a --no-deps package)
     hub_id: str | None = None
     example_prompt: str | None = None  # what the app and the docs show first
+    example_prompts: tuple[str, ...] = ()  # a few more that work, offered as the app's examples
     manifest: Path = MANIFEST
 
     def root(self) -> Path:
@@ -88,6 +91,7 @@ def load_manifest(path: str | Path | None = None) -> dict[str, ShippedModel]:
         models = {}
         for entry in entries:
             files = tuple(AssetFile(f["path"], f["sha256"], f["bytes"]) for f in entry.pop("files"))
+            entry["example_prompts"] = tuple(entry.get("example_prompts") or ())
             model = ShippedModel(**entry, files=files, manifest=path)
             if model.kind not in KINDS or model.format not in FORMATS or (model.folder is None) == (model.package is None):
                 raise ValueError(f"entry {model.name!r} has a bad kind, format or location")
@@ -102,6 +106,55 @@ def load_manifest(path: str | Path | None = None) -> dict[str, ShippedModel]:
 def list_models(kind: str | None = None, manifest: str | Path | None = None) -> list[str]:
     """Names of the shipped models, all or of one kind ("llm" | "diffusion")."""
     return [name for name, model in load_manifest(manifest).items() if kind is None or model.kind == kind]
+
+
+# The defaults, most preferred first: the first one the manifest lists is the default of the app,
+# the CLI and the docs' examples, so shipping emoji-sd (adding it to the manifest) makes it the default.
+PREFERRED = {"llm": ("smollm2-135m",), "diffusion": ("emoji-sd", "fashion-dit")}
+
+
+def default_model(kind: str, manifest: str | Path | None = None) -> str | None:
+    """The default model of a kind ("llm" | "diffusion"): the first of PREFERRED[kind] that is
+    shipped, else the first shipped model of that kind; None if none is."""
+    shipped = list_models(kind, manifest)
+    return next((name for name in PREFERRED.get(kind, ()) if name in shipped), shipped[0] if shipped else None)
+
+
+def example_prompts(name: str | None, manifest: str | Path | None = None) -> list[str]:
+    """Prompts a shipped model was made for, its `example_prompt` first; [] for any other name."""
+    model = load_manifest(manifest).get(name or "")
+    if model is None:
+        return []
+    prompts = [model.example_prompt] if model.example_prompt else []
+    return prompts + [p for p in model.example_prompts if p not in prompts]
+
+
+def operator_models(value: str | None = None) -> dict[str, list[str]]:
+    """The models an operator adds to the app's allow-list, per lane, from STUDIO_MODELS (or `value`):
+
+        STUDIO_MODELS="llm=HuggingFaceTB/SmolLM2-1.7B-Instruct;diffusion=stabilityai/sd-turbo,/data/my-sd"
+
+    `lane=model,model` groups separated by `;` (lanes: llm, diffusion); a model is a hub id or a
+    local folder (a path starting with `/`, `.` or `~`, which must exist). Spaces around the
+    separators are ignored. Raises ValueError naming what is wrong.
+    """
+    value = os.environ.get("STUDIO_MODELS", "") if value is None else value
+    models: dict[str, list[str]] = {}
+    for group in filter(None, (g.strip() for g in value.split(";"))):
+        lane, equals, names = (part.strip() for part in group.partition("="))
+        if not equals or lane not in KINDS:
+            raise ValueError(
+                f"STUDIO_MODELS: {group!r} is not lane=model[,model...] with a lane of {', '.join(KINDS)}; "
+                'e.g. STUDIO_MODELS="llm=HuggingFaceTB/SmolLM2-1.7B-Instruct;diffusion=stabilityai/sd-turbo,/data/my-sd"'
+            )
+        for name in filter(None, (n.strip() for n in names.split(","))):
+            if name.startswith(("/", ".", "~")):
+                name = str(Path(name).expanduser())
+                if not Path(name).is_dir():
+                    raise ValueError(f"STUDIO_MODELS: the {lane} folder {name} does not exist")
+            if name not in models.setdefault(lane, []):
+                models[lane].append(name)
+    return models
 
 
 def resolve(name_or_path: str, manifest: str | Path | None = None) -> str:
