@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from studio import assets
+
 
 def cmd_backends(args) -> int:
     from studio import backends
@@ -110,7 +112,6 @@ def cmd_imagine(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from studio import assets
     from studio.loading import LoadError
 
     for model in assets.load_manifest().values():
@@ -252,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = commands.add_parser("generate", help="continue a prompt with an LLM, printing tokens as they come")
     p.add_argument("prompt")
-    p.add_argument("--model", default="smollm2-135m", help="a shipped name, a local folder, a .gguf file or a hub id")
+    p.add_argument("--model", default=assets.default_model("llm"),
+                   help="a shipped name, a local folder, a .gguf file or a hub id (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int)
@@ -273,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("imagine", help="paint an image from a prompt with a diffusion model, step by step")
     p.add_argument("prompt", help="what to paint (for a class-conditioned model: a class name; empty: unconditional)")
     p.add_argument("-o", "--output", default="image.png", help="where to write the PNG")
-    p.add_argument("--model", default="fashion-dit", help="a shipped name, a local diffusers folder or a hub id")
+    p.add_argument("--model", default=assets.default_model("diffusion"),
+                   help="a shipped name, a local diffusers folder or a hub id (default: %(default)s)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale; 1 turns it off")
     p.add_argument("--negative", help="negative prompt (default: empty)")
