@@ -5,8 +5,12 @@
     cost = meter.take()          # the FLOPs, bytes and calls since the last take(): one step's
 
 FLOPs are counted by torch's FlopCounterMode the first time a component meets a set of input
-shapes (and attention kernel), then reused: counting costs time, and the count depends on nothing
-else. Bytes are an estimate of the traffic to device memory: the component's weights, read once
+shapes, then reused: counting costs time, and the count depends on nothing else. The counted run
+is a separate one whose output is dropped, eager and with SDPA attention: torch.compile skips for
+good a frame it first meets under the counter's dispatch mode (so counting the real call would
+leave a compiled model uncompiled), and FlexAttention or a plugin's kernel may not run under it
+at all. Every kernel computes the same attention arithmetic, so SDPA's count is theirs too.
+Bytes are an estimate of the traffic to device memory: the component's weights, read once
 per call, plus the tensors in and out. Activations that spill out of the caches are not counted,
 so it is a lower bound; it is the weight bytes that make a batch of two cheaper than two calls.
 
@@ -45,11 +49,11 @@ class CostMeter:
 
     def run(self, component: str, fn, *args, **kwargs):
         """fn(*args, **kwargs), counted as a call of `component`."""
-        key = (component, backends.current().attention, tensor_shapes((args, kwargs)))
-        if key in self.flops_cache:
-            output = fn(*args, **kwargs)
-        else:
-            output, self.flops_cache[key] = count_flops(fn, *args, **kwargs)
+        key = (component, tensor_shapes((args, kwargs)))
+        if key not in self.flops_cache:
+            with torch.compiler.set_stance("force_eager"), backends.use(attention="sdpa"):
+                _, self.flops_cache[key] = count_flops(fn, *args, **kwargs)
+        output = fn(*args, **kwargs)
         self.cost.flops += self.flops_cache[key]
         self.cost.bytes += self.weight_bytes[component] + tensor_bytes((args, kwargs)) + tensor_bytes(output)
         self.cost.calls[component] += 1

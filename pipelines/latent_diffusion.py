@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import importlib
 import inspect
 import math
 import threading
@@ -58,6 +59,7 @@ from .fast_diffusion import enable_fast_path
 from .previews import LatentRGBFactors, fit_latent_rgb_factors, known_factors, latents_to_preview
 
 COMPONENTS = ("text_encoder", "denoiser", "vae")  # the models whose share of each step is reported
+RUN_COMPONENTS = ("unet", "transformer", "vae", "scheduler", "text_encoder", "tokenizer")  # what the lane loads
 # PixArt-alpha's max_sequence_length: T5 tokenizers declare no useful model_max_length of their own
 TRANSFORMER_PROMPT_TOKENS = 120
 
@@ -214,23 +216,22 @@ class LatentDiffusionPipeline:
             config = DiffusionPipeline.load_config(path)
         except (OSError, ValueError) as error:
             raise load_error(name_or_path, error) from error
-        unused = unused_components(config)
+        check_pipeline_config(config)
         # each component has its own folder and its own weights: one of them holding only pickles is
         # refused even when another (the text encoder, say) holds safetensors
-        for part in config:
-            if part not in unused and isinstance(config[part], (list, tuple)):
+        for part in RUN_COMPONENTS:
+            if isinstance(config.get(part), (list, tuple)):
                 check_weights_format(Path(path) / part, allow_pickle)
         try:
-            stock = DiffusionPipeline.from_pretrained(
-                path, dtype=dtype, use_safetensors=None if allow_pickle else True, trust_remote_code=False, **unused
-            )
+            parts = load_components(path, config, dtype, allow_pickle)
         except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # SafetensorError: a damaged file
             raise load_error(name_or_path, error) from error
-        stock.to(device, dtype)  # a no-op where `dtype=` was understood; older diffusers releases call it torch_dtype
-        parts = stock.components
+        for part in parts.values():
+            if isinstance(part, torch.nn.Module):
+                part.to(device)
         pipeline = cls(
             parts["unet"] if "unet" in parts else parts["transformer"], parts["vae"], parts["scheduler"],
-            parts.get("text_encoder"), parts.get("tokenizer"), getattr(stock, "labels", None) or None,
+            parts.get("text_encoder"), parts.get("tokenizer"), class_names(config.get("id2label")),
             device=device, attention=attention, precision=precision, fast_path=fast_path,
         )
         if scheduler is not None:
@@ -534,19 +535,45 @@ class LatentDiffusionPipeline:
 # Helpers
 
 
-def unused_components(config: dict) -> dict:
-    """The components of a diffusers pipeline folder that this lane does not run, passed as None so
-    that they are not loaded (the safety checker alone is a 1.2 GB model); refuses pipelines the
-    loop does not fit."""
+def check_pipeline_config(config: dict) -> None:
+    """Refuse the pipelines the loop does not fit, saying why."""
     name = config.get("_class_name", "this pipeline")
     if "text_encoder_2" in config:
         raise LoadError(f"{name} has two text encoders (SDXL-style), which the diffusion lane does not run yet")
     if "vae" not in config or ("unet" not in config and "transformer" not in config):
         raise LoadError(f"{name} is not a latent diffusion pipeline: the lane needs a VAE and a UNet or transformer")
-    unused = {part: None for part in ("safety_checker", "feature_extractor", "image_encoder") if part in config}
-    if "requires_safety_checker" in config:
-        unused["requires_safety_checker"] = False
-    return unused
+
+
+def load_components(path, config: dict, dtype: torch.dtype, allow_pickle: bool) -> dict:
+    """The components the lane runs, each loaded by the class model_index.json names, in `dtype`.
+
+    The pipeline class itself is never loaded: it would load safety checkers and image processors
+    the lane does not run (the safety checker alone is a 1.2 GB model, and the processors warn
+    where torchvision is missing), and a cast after loading, which diffusers warns about."""
+    parts = {}
+    for name in RUN_COMPONENTS:
+        spec = config.get(name)
+        if not isinstance(spec, (list, tuple)) or spec[0] is None:
+            continue
+        library, class_name = spec
+        if library not in ("diffusers", "transformers"):
+            raise LoadError(f"its {name} is {library}.{class_name}: the lane loads diffusers and transformers classes only")
+        component_class = getattr(importlib.import_module(library), class_name)
+        options = {}
+        if issubclass(component_class, torch.nn.Module):
+            # diffusers reads torch_dtype in every supported release; transformers 5 reads dtype
+            options = {"torch_dtype" if library == "diffusers" else "dtype": dtype,
+                       "use_safetensors": None if allow_pickle else True}
+        parts[name] = component_class.from_pretrained(path, subfolder=name, **options)
+    return parts
+
+
+def class_names(id2label: dict | None) -> dict[str, int] | None:
+    """A DiT pipeline's class names (id2label in model_index.json), each comma-separated name on
+    its own, as DiTPipeline reads them."""
+    if not id2label:
+        return None
+    return {name.strip(): int(key) for key, label in id2label.items() for name in label.split(",")}
 
 
 def load_error(name_or_path, error) -> LoadError:
