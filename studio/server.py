@@ -331,6 +331,7 @@ class _Generation:
     def __init__(self, model: _ServedModel, pipeline, prompt, options: dict):
         self.queue: asyncio.Queue = asyncio.Queue()
         self.stop = threading.Event()  # set when the client has gone: the lane stops after its current step
+        self.ended = False  # the end has been taken from the queue (by prompt_tokens, if it never began)
         self.task = asyncio.create_task(self._produce(model, pipeline, prompt, options))
 
     async def _produce(self, model, pipeline, prompt, options):
@@ -350,11 +351,14 @@ class _Generation:
             self.queue.put_nowait(self._END)
 
     async def next(self):
-        """The next event; None at the end. A failure in the lane is raised here."""
+        """The next event; None at the end, and after it. A failure in the lane is raised here."""
+        if self.ended:
+            return None
         item = await self.queue.get()
         if isinstance(item, Exception):
             raise item
-        return None if item is self._END else item
+        self.ended = item is self._END
+        return None if self.ended else item
 
     async def prompt_tokens(self, prompts: int) -> int:
         """Wait for the tokenize events (one per prompt) and count the prompts' tokens. The lane

@@ -4,10 +4,10 @@ llama.cpp's server, bad input, and slow or departing clients beside others. A re
 runs on a free local port with tiny random models and the offline byte tokenizer.
 
 Nothing here asserts a wall-clock time: what ran, and in which order, is read from the slow
-model's own count of its forward passes (`Pace`)."""
+pipeline's own log of its steps (`Paced`)."""
 
 import asyncio
-import contextlib
+import gc
 import json
 import math
 import os
@@ -20,35 +20,16 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import uvicorn
+from serving import serving
 from tiny_models import byte_tokenizer, tiny_llm
 
 from pipelines.remote import RemoteError, RemoteTextGeneration, remote_from_env
 from pipelines.text_generation import TextGenerationPipeline
-from studio.server import create_api
+from studio.server import _Generation, create_api
 
 PROMPT = "The cat sat on the mat. The cat sat"
-SLOW_FORWARD_S = 0.05  # the slow model's extra time per forward pass: a long generation in little test time
-DOG = "A dog"  # a prompt of 5 byte tokens, told apart from PROMPT's 35 by its prefill
-
-
-@contextlib.contextmanager
-def serving(api):
-    """Run `api` with uvicorn on a free port in a background thread; yields the /v1 base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(api, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+SLOW_STEP_S = 0.05  # the slow pipeline's extra time per step: a long generation in little test time
+DOG = "A dog"  # a prompt of 5 byte tokens, told apart from PROMPT's 35
 
 
 def broken_loader():
@@ -68,22 +49,31 @@ class Buggy:
         raise RuntimeError("a bug")
 
 
-class Pace:
-    """The slow model's forward pre-hook: every forward pass waits SLOW_FORWARD_S and notes how many
-    positions it ran, so a test reads what ran and in which order: a prefill is its prompt's
-    length in bytes, a decode step 1."""
+class Paced(TextGenerationPipeline):
+    """The slow pipeline: each step of its stream waits SLOW_STEP_S, and is logged, so a test reads
+    what ran and in which order: the prompts it began (their lengths in bytes) and the tokens it
+    made. Paced at the lane's events, whichever loop (plain or fast path) makes them."""
 
-    def __init__(self):
-        self.lengths: list[int] = []
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.log: list[tuple[str, int]] = []  # ("prompt", its length) or ("token", 1)
 
-    def __call__(self, module, args, kwargs):
-        self.lengths.append(kwargs["input_ids"].shape[1])
-        time.sleep(SLOW_FORWARD_S)
+    def stream(self, *args, **kwargs):
+        return self._paced(super().stream(*args, **kwargs))  # a bad request fails here, as the lane's own
 
-    def since(self, start: int) -> tuple[list[int], list[int]]:
-        """The forward passes from `start` on, and the prefills among them (their prompts' lengths)."""
-        passes = self.lengths[start:]
-        return passes, [n for n in passes if n > 1]
+    def _paced(self, events):
+        try:
+            for event in events:
+                time.sleep(SLOW_STEP_S)
+                self.log.append(("prompt", len(event.token_ids)) if event.phase == "tokenize" else ("token", 1))
+                yield event
+        finally:
+            events.close()
+
+    def since(self, start: int) -> tuple[list[int], int]:
+        """From log entry `start` on: the prompts begun (their lengths), and how many tokens were made."""
+        entries = self.log[start:]
+        return [n for kind, n in entries if kind == "prompt"], sum(1 for kind, _ in entries if kind == "token")
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +82,15 @@ def llm():
 
 
 @pytest.fixture(scope="module")
-def pace():
-    return Pace()
+def slow():
+    slow = Paced(tiny_llm("llama", seed=1), byte_tokenizer())
+    # the counts below mean something only if greedy decoding runs to the token limit
+    assert slow(PROMPT, max_new_tokens=100).finish_reason == "length"
+    return slow
 
 
 @pytest.fixture(scope="module")
-def base_url(llm, pace):
-    slow = TextGenerationPipeline(tiny_llm("llama", seed=1), byte_tokenizer())
-    # the counts below mean something only if greedy decoding runs to the token limit
-    assert slow(PROMPT, max_new_tokens=100).finish_reason == "length"
-    slow.model.register_forward_pre_hook(pace, with_kwargs=True)
+def base_url(llm, slow):
     lazy = lambda: TextGenerationPipeline(tiny_llm("gpt2"), byte_tokenizer())  # noqa: E731
     api = create_api({"tiny": llm, "tiny-slow": slow, "tiny-lazy": lazy, "broken": broken_loader,
                       "buggy": Buggy()})
@@ -346,9 +335,9 @@ def slow_request(base_url, prompt, max_tokens, **fields) -> dict:
     return httpx.post(f"{base_url}/completions", json=body, timeout=60).json()
 
 
-def test_a_long_generation_leaves_the_server_responsive(base_url, pace):
-    tokens = 40  # 40 forward passes of the slow model, were it to run to the end
-    start = len(pace.lengths)
+def test_a_long_generation_leaves_the_server_responsive(base_url, slow):
+    tokens = 40
+    start = len(slow.log)
     body = {"model": "tiny-slow", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True}
     with httpx.Client(timeout=30) as slow_client, slow_client.stream("POST", f"{base_url}/completions", json=body) as stream:
         lines = stream.iter_lines()
@@ -357,42 +346,42 @@ def test_a_long_generation_leaves_the_server_responsive(base_url, pace):
         # a request for another model runs beside it, and ends first
         out = httpx.post(f"{base_url}/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 4}).json()
         assert out["usage"]["completion_tokens"] >= 1
-        assert len(pace.since(start)[0]) < tokens  # the long one has not finished yet
+        assert slow.since(start)[1] < tokens  # the long one has not finished yet
         assert sum(1 for line in lines if line.startswith("data:")) >= 2  # the rest of it, and [DONE]
-    assert len(pace.since(start)[0]) == tokens
+    assert slow.since(start)[1] == tokens
 
 
-def test_a_streaming_client_that_leaves_frees_the_model(base_url, pace):
+def test_a_streaming_client_that_leaves_frees_the_model(base_url, slow):
     tokens = 100
-    start = len(pace.lengths)
+    start = len(slow.log)
     body = {"model": "tiny-slow", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True}
     with httpx.Client(timeout=30) as leaving, leaving.stream("POST", f"{base_url}/completions", json=body) as stream:
         next(stream.iter_lines())
     assert slow_request(base_url, DOG, 1)["usage"]["completion_tokens"] == 1
-    passes, prefills = pace.since(start)
-    assert prefills == [len(PROMPT), len(DOG)]  # the next request ran after the first had stopped
-    assert len(passes) - 1 < tokens // 2  # ... early
+    prompts, made = slow.since(start)
+    assert prompts == [len(PROMPT), len(DOG)]  # the next request ran after the first had stopped
+    assert made - 1 < tokens // 2  # ... early
 
 
-def test_a_client_that_leaves_before_its_answer_frees_the_model(base_url, pace):
+def test_a_client_that_leaves_before_its_answer_frees_the_model(base_url, slow):
     """Not streamed: the client gives up waiting for the whole answer (curl -m 2)."""
     tokens = 100
-    start = len(pace.lengths)
+    start = len(slow.log)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{base_url}/completions", timeout=httpx.Timeout(30, read=0.5),
                    json={"model": "tiny-slow", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0})
     assert slow_request(base_url, DOG, 1)["usage"]["completion_tokens"] == 1
-    passes, prefills = pace.since(start)
-    assert prefills == [len(PROMPT), len(DOG)]
-    assert len(passes) - 1 < tokens // 2
+    prompts, made = slow.since(start)
+    assert prompts == [len(PROMPT), len(DOG)]
+    assert made - 1 < tokens // 2
 
 
-def test_a_queued_request_whose_client_left_never_runs(base_url, pace):
+def test_a_queued_request_whose_client_left_never_runs(base_url, slow):
     tokens = 30
-    start = len(pace.lengths)
+    start = len(slow.log)
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(slow_request, base_url, PROMPT, tokens)
-        while len(pace.lengths) == start:  # the model is busy with the first: the next request queues
+        while len(slow.log) == start:  # the model is busy with the first: the next request queues
             assert first.running(), first.result()
             time.sleep(0.01)
         with pytest.raises(httpx.ReadTimeout):
@@ -400,7 +389,13 @@ def test_a_queued_request_whose_client_left_never_runs(base_url, pace):
                        json={"model": "tiny-slow", "prompt": "Queued, then gone", "max_tokens": 5})
         assert first.result()["usage"]["completion_tokens"] == tokens
     assert slow_request(base_url, DOG, 1)["usage"]["completion_tokens"] == 1
-    assert pace.since(start)[1] == [len(PROMPT), len(DOG)]  # the abandoned one never reached the model
+    assert slow.since(start)[0] == [len(PROMPT), len(DOG)]  # the abandoned one never reached the model
+    assert generations_alive() == 0  # and its handler did not go on waiting for tokens
+
+
+def generations_alive() -> int:
+    gc.collect()  # a finished generation and its task refer to each other
+    return sum(1 for o in gc.get_objects() if isinstance(o, _Generation))
 
 
 def test_a_client_that_stops_reading_does_not_hold_the_model(llm):
@@ -483,9 +478,9 @@ def test_the_remote_lane_tells_an_end_of_sequence_from_a_stop_string(base_url, l
     assert remote(PROMPT, max_new_tokens=2, stop=["never in it"]).finish_reason == "length"
 
 
-def test_the_remote_lane_stops_when_asked(base_url, pace):
+def test_the_remote_lane_stops_when_asked(base_url, slow):
     tokens = 40
-    start = len(pace.lengths)
+    start = len(slow.log)
     remote = RemoteTextGeneration(base_url, "tiny-slow")
     stop = threading.Event()
     events = []
@@ -494,8 +489,8 @@ def test_the_remote_lane_stops_when_asked(base_url, pace):
         stop.set()
     assert len(events) <= 3  # the one asked for, and what had already arrived
     assert slow_request(base_url, DOG, 1)["usage"]["completion_tokens"] == 1
-    passes, prefills = pace.since(start)
-    assert prefills == [len(PROMPT), len(DOG)] and len(passes) - 1 < tokens // 2  # the server stopped too
+    prompts, made = slow.since(start)
+    assert prompts == [len(PROMPT), len(DOG)] and made - 1 < tokens // 2  # the server stopped too
 
 
 def test_the_remote_lane_is_configured_by_one_variable(base_url):
