@@ -22,6 +22,7 @@ Depends on torch, transformers, the studio core and the lane's own modules; neve
 from __future__ import annotations
 
 import functools
+import struct
 import threading
 from pathlib import Path
 
@@ -100,7 +101,9 @@ class TextGenerationPipeline:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        # SafetensorError: a damaged safetensors file; struct.error and KeyError: a truncated or
+        # incomplete GGUF file, which the gguf reader unpacks without checking its length
+        except (OSError, ValueError, RuntimeError, SafetensorError, struct.error, KeyError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise LoadError(
                 f"could not load the language model {name_or_path!r}: {first}. Use a shipped name "

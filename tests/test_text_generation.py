@@ -1,5 +1,6 @@
 """The LLM lane on tiny random Llama, GPT-2 and Qwen2 models, against transformers' own generate()."""
 
+import struct
 import threading
 
 import pytest
@@ -9,6 +10,7 @@ from tiny_models import LLM_FAMILIES, tiny_llm
 from pipelines.sampling import SamplingSettings
 from pipelines.speculative import self_draft_model
 from pipelines.text_generation import TextGenerationPipeline
+from studio.loading import LoadError
 
 PROMPT = "The cat sat on the mat. The cat sat"
 
@@ -331,6 +333,13 @@ def test_a_corrupt_weights_file_and_an_unknown_model_give_clear_errors(saved_llm
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="could not load the language model 'nobody/no-such-model'"):
         TextGenerationPipeline.from_pretrained("nobody/no-such-model", device="cpu")
+
+
+def test_a_truncated_gguf_file_is_a_load_error(tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 10**6, 10**6))  # a header promising a million tensors
+    with pytest.raises(LoadError, match="could not load the language model"):
+        TextGenerationPipeline.from_pretrained(str(gguf), device="cpu")
 
 
 def test_studio_generate_prints_tokens_and_alternatives(saved_llm, capsys):
