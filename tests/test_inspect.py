@@ -1,12 +1,15 @@
 """The inspector: what a config.json predicts, checked exactly against real tiny models and the lanes' events."""
 
 import pytest
+import torch
 from tiny_models import LLM_FAMILIES, byte_tokenizer, tiny_dit, tiny_llm, tiny_pixart, tiny_unet
+from transformers import DynamicCache
 
 from pipelines.text_generation import TextGenerationPipeline
-from studio import inspector
+from studio import backends, inspector
 from studio.cli import main
-from studio.profiling import known_devices
+from studio.cost import decoder_step_cost
+from studio.profiling import count_flops, known_devices
 
 PROMPT = "The cat sat on the mat."
 
@@ -82,6 +85,24 @@ def test_prefill_and_decode_work_equal_the_lane_events(llm):
     prefill, first_decode = events[1], events[2]
     assert (prefill.flops, prefill.bytes) == (analysis.workload("prefill").flops, analysis.workload("prefill").bytes)
     assert (first_decode.flops, first_decode.bytes) == (analysis.workload("decode").flops, analysis.workload("decode").bytes)
+
+
+def test_the_cost_model_counts_what_flop_counter_mode_sees(llm):
+    """decoder_step_cost against torch's FlopCounterMode on real forward passes (eager attention,
+    whose matmuls the counter sees): a decode step exactly; a prefill's weight matmuls exactly, and
+    its attention as the full score matrix the kernel computes, of which the causal part is the
+    model's work and what the cost model counts."""
+    model, shape = llm.model, llm.shape
+    ids = torch.tensor([llm.tokenizer(PROMPT)["input_ids"]])
+    length = ids.shape[1]
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), backends.use(attention="eager"):
+        _, prefill = count_flops(lambda: model(input_ids=ids, **{llm.cache_keyword: cache}, logits_to_keep=1))
+        _, decode = count_flops(lambda: model(input_ids=ids[:, -1:], **{llm.cache_keyword: cache}, logits_to_keep=1))
+    assert decode == decoder_step_cost(shape, 1, 1, length + 1)[0]
+    per_pair = 4 * shape.layers * shape.heads * shape.head_dim  # Q·Kᵀ and P·V, per query-key pair
+    causal = per_pair * length * (length + 1) // 2
+    assert prefill - per_pair * length * length == decoder_step_cost(shape, 1, length, length)[0] - causal
 
 
 def test_every_known_device_gets_a_prediction_and_the_bounds_follow_the_roofline():
