@@ -70,6 +70,7 @@ import torch
 from transformers import LlamaForCausalLM, Qwen2ForCausalLM, RepetitionPenaltyLogitsProcessor
 
 from studio import backends
+from studio.backends.precision import CAST_DTYPES
 from studio.cost import decoder_step_cost
 from studio.profiling import StepTimer
 
@@ -209,19 +210,24 @@ class FastDecoder:
         if compile not in (None, True, False, "background"):
             raise ValueError(f"compile must be True, False, 'background' or None; got {compile!r}")
         self.source = model
-        self.model = FastLlama(model).eval()
+        self.source_dtype = model.get_output_embeddings().weight.dtype
         self.precision = precision  # the model's own, which this decoder mirrors
-        self.device = self.model.lm_head.weight.device
-        self.dtype = self.model.embed_tokens.weight.dtype
+        device = model.get_output_embeddings().weight.device
         self.weights_option = weights
         if precision is not None:
             self.weights, self.weights_reason = precision, f"the matmul precision chosen for the model ({precision})"
         elif weights == "auto":
-            self.weights, self.weights_reason = cpu_weight_format(self.device)
+            self.weights, self.weights_reason = cpu_weight_format(device)
         else:
             self.weights, self.weights_reason = weights, "asked for" if weights else "the model's own dtype, as asked"
-        if self.weights is not None:
+        # a float format lays the weights out in that dtype (no wrappers, activations and cache in it
+        # too); int8 and fp8 wrap the fused layers, as the plain model's are wrapped
+        layout = CAST_DTYPES.get(self.weights) if precision is None else None
+        self.model = FastLlama(model, layout).eval()
+        if self.weights is not None and layout is None:
             backends.apply_precision(self.model, self.weights)
+        self.device = device
+        self.dtype = self.model.embed_tokens.weight.dtype
         on_cuda = self.device.type == "cuda"
         self.compile = on_cuda if compile is None else compile
         self.graph = on_cuda if graph is None else graph
@@ -247,7 +253,7 @@ class FastDecoder:
         """Whether this decoder still mirrors `model`: the same model, precision, dtype and device.
         (Weights changed in place are not seen by the fused copies: set pipeline.fast_decoder = None.)"""
         weight = model.get_output_embeddings().weight
-        layout = (weight.dtype, weight.device) == (self.dtype, self.device)
+        layout = (weight.dtype, weight.device) == (self.source_dtype, self.device)
         return model is self.source and precision == self.precision and layout
 
     def forward_for(self, batch: int, max_len: int):

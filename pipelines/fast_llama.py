@@ -12,6 +12,7 @@ studio's backends (prefill attention) only; never on a pipeline or transformers'
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -62,28 +63,42 @@ def cache_length(needed: int, context: int | None) -> int:
 # The model, laid out for decoding
 
 
-def _shared_linear(layer) -> nn.Linear:
-    """An nn.Linear holding `layer`'s own weight and bias tensors (no copy). `layer` may be wrapped
-    by backends.apply_precision; its .weight is then the original's."""
+def _in_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor | nn.Parameter:
+    """`tensor` itself where it already has `dtype` (None: keep it), else a copy in `dtype`."""
+    if dtype is None or tensor.dtype == dtype:
+        return tensor
+    return nn.Parameter(tensor.detach().to(dtype), requires_grad=False)
+
+
+def _shared_linear(layer, dtype: torch.dtype | None = None) -> nn.Linear:
+    """An nn.Linear holding `layer`'s own weight and bias tensors (no copy, unless `dtype` asks for
+    another). `layer` may be wrapped by backends.apply_precision; its .weight is then the original's."""
     linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-    linear.weight = layer.weight
+    linear.weight = _in_dtype(layer.weight, dtype)
     if layer.bias is not None:
-        linear.bias = layer.bias
+        linear.bias = _in_dtype(layer.bias, dtype)
     return linear
 
 
-def _fused_linear(*layers) -> nn.Linear:
+def _fused_linear(*layers, dtype: torch.dtype | None = None) -> nn.Linear:
     """One nn.Linear whose output rows are those of `layers`, stacked: one matmul reads the input
-    once and launches once. A copy of the weights, built once."""
+    once and launches once. A copy of the weights (in `dtype`, if given), built once."""
     with torch.no_grad():
-        weight = torch.cat([layer.weight for layer in layers])
+        weight = torch.cat([layer.weight.to(dtype or layer.weight.dtype) for layer in layers])
         biases = [layer.bias for layer in layers]
-        bias = torch.cat(biases) if all(b is not None for b in biases) else None
+        bias = torch.cat([b.to(weight.dtype) for b in biases]) if all(b is not None for b in biases) else None
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     linear.weight = nn.Parameter(weight, requires_grad=False)
     if bias is not None:
         linear.bias = nn.Parameter(bias, requires_grad=False)
     return linear
+
+
+def _module_in_dtype(module: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """`module` itself, or a copy in `dtype` (a norm's weight must match the activations' dtype)."""
+    if dtype is None or all(p.dtype == dtype for p in module.parameters()):
+        return module
+    return copy.deepcopy(module).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -123,16 +138,16 @@ class FastBlock(nn.Module):
     """One decoder layer: norm -> fused QKV -> RoPE -> write K/V into the cache -> attention ->
     output projection, then norm -> fused gate/up -> activation -> down projection."""
 
-    def __init__(self, layer, heads: int, kv_heads: int, head_dim: int):
+    def __init__(self, layer, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype | None = None):
         super().__init__()
         attn, mlp = layer.self_attn, layer.mlp
-        self.wqkv = _fused_linear(attn.q_proj, attn.k_proj, attn.v_proj)
-        self.wo = _shared_linear(attn.o_proj)
-        self.w13 = _fused_linear(mlp.gate_proj, mlp.up_proj)
-        self.w2 = _shared_linear(mlp.down_proj)
+        self.wqkv = _fused_linear(attn.q_proj, attn.k_proj, attn.v_proj, dtype=dtype)
+        self.wo = _shared_linear(attn.o_proj, dtype)
+        self.w13 = _fused_linear(mlp.gate_proj, mlp.up_proj, dtype=dtype)
+        self.w2 = _shared_linear(mlp.down_proj, dtype)
         # the model's own norm and activation modules: the same arithmetic, bit for bit
-        self.attention_norm = layer.input_layernorm
-        self.mlp_norm = layer.post_attention_layernorm
+        self.attention_norm = _module_in_dtype(layer.input_layernorm, dtype)
+        self.mlp_norm = _module_in_dtype(layer.post_attention_layernorm, dtype)
         self.act = mlp.act_fn
         self.split = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
         self.head_dim = head_dim
@@ -155,9 +170,13 @@ class FastBlock(nn.Module):
 class FastLlama(nn.Module):
     """A LlamaForCausalLM or Qwen2ForCausalLM's weights in decoding layout. Embedding, norms and
     lm_head are the model's own tensors; q/k/v and gate/up are fused copies (about half of a
-    small model's weights again, in memory: the price of 4 matmuls per block instead of 7)."""
+    small model's weights again, in memory: the price of 4 matmuls per block instead of 7).
 
-    def __init__(self, model):
+    dtype: lay the weights out in this dtype instead of the model's (bf16 on a CPU that
+    multiplies it in hardware): then every weight is a copy, made once, and the activations and
+    the KV cache follow that dtype too."""
+
+    def __init__(self, model, dtype: torch.dtype | None = None):
         super().__init__()
         config = model.config
         inner = model.model
@@ -166,12 +185,17 @@ class FastLlama(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.hidden = config.hidden_size
         self.scale = self.head_dim**-0.5
-        self.embed_tokens = inner.embed_tokens
+        self.embed_tokens = _module_in_dtype(inner.embed_tokens, dtype)
         self.layers = nn.ModuleList(
-            FastBlock(layer, self.heads, self.kv_heads, self.head_dim) for layer in inner.layers
+            FastBlock(layer, self.heads, self.kv_heads, self.head_dim, dtype) for layer in inner.layers
         )
-        self.norm = inner.norm
-        self.lm_head = _shared_linear(model.get_output_embeddings())
+        self.norm = _module_in_dtype(inner.norm, dtype)
+        head = model.get_output_embeddings()
+        if dtype is not None and head.weight is inner.embed_tokens.weight:  # tied: one copy serves both
+            self.lm_head = nn.Linear(head.in_features, head.out_features, bias=False, device="meta")
+            self.lm_head.weight = self.embed_tokens.weight
+        else:
+            self.lm_head = _shared_linear(head, dtype)
         self.vocab = self.lm_head.out_features
         # the rotary frequencies as transformers computed them, rope scaling (Llama 3's) included
         self.register_buffer("inv_freq", inner.rotary_emb.inv_freq, persistent=False)
