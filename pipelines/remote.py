@@ -142,7 +142,7 @@ class RemoteTextGeneration:
         server to stop too."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        self._check_request(prompts, max_new_tokens, top_logprobs, use_cache, speculative, fast_path, chat)
+        self._check_request(prompts, stops, max_new_tokens, top_logprobs, use_cache, speculative, fast_path, chat)
         SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty, seed)  # same checks as the local lane
         path, body = self._request_body(
             prompts, chat, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
@@ -286,9 +286,18 @@ class RemoteTextGeneration:
         return self.model
 
     @staticmethod
-    def _check_request(prompts, max_new_tokens, top_logprobs, use_cache, speculative, fast_path, chat):
+    def _check_request(prompts, stops, max_new_tokens, top_logprobs, use_cache, speculative, fast_path, chat):
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise ValueError("the prompt is empty; type some text to continue")
+        for what, texts in (("prompt", prompts), ("stop string", stops)):
+            for text in texts:
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as error:  # JSON cannot carry it to the server
+                    raise ValueError(f"the {what} holds a lone surrogate (U+{ord(text[error.start]):04X}), half of "
+                                     "a character, which is not valid Unicode") from None
+                except AttributeError:
+                    raise ValueError(f"a {what} must be a string; got {text!r}") from None
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer; got {max_new_tokens}")
         if not isinstance(top_logprobs, int) or top_logprobs < 0:

@@ -180,3 +180,11 @@ def test_an_answer_that_is_no_completion_is_an_error_not_silence(fake, body, con
     fake.answer("/v1/completions", body, content_type=content_type)
     with pytest.raises(RemoteError, match=says):
         list(RemoteTextGeneration(fake.url, "smol").stream("Hi"))
+
+
+@pytest.mark.parametrize("kwargs", [dict(prompt="abc \ud800"), dict(prompt="abc", stop=["\udfff"])],
+                         ids=["prompt", "stop"])
+def test_a_lone_surrogate_is_refused_before_anything_is_sent(fake, kwargs):
+    with pytest.raises(ValueError, match="lone surrogate"):
+        list(RemoteTextGeneration(fake.url, "smol").stream(**kwargs))
+    assert fake.received == []
