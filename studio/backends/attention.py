@@ -242,22 +242,31 @@ def _sdpa(kernel: SDPBackend | None):
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    # dynamic shapes: decoding grows the keys by one every step, and a static compile would
+    # recompile per length until dynamo gives up and runs the slow unfused version
+    return torch.compile(flex_attention, dynamic=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_block_mask(q_len: int, kv_len: int, device: torch.device):
+    """The block mask of bottom-right causal attention, built once per shape (building it costs
+    about as much as a small attention call)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    offset = kv_len - q_len
+
+    def causal_mask(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + offset
+
+    return create_block_mask(causal_mask, None, None, q_len, kv_len, device=device)
 
 
 def flex_attention(q, k, v, causal, mask, scale):
-    from torch.nn.attention.flex_attention import create_block_mask
-
     q_len, kv_len = q.shape[-2], k.shape[-2]
-    block_mask, score_mod = None, None
-    if causal:
-        offset = kv_len - q_len
-
-        def causal_mask(b, h, q_idx, kv_idx):
-            return kv_idx <= q_idx + offset
-
-        # the block mask lets FlexAttention skip key blocks above the diagonal entirely
-        block_mask = create_block_mask(causal_mask, None, None, q_len, kv_len, device=q.device)
+    # the block mask lets FlexAttention skip key blocks above the diagonal entirely; one query at
+    # the end of the keys (a decode step) sees them all, so it needs none
+    block_mask = _causal_block_mask(q_len, kv_len, q.device) if causal and q_len > 1 else None
+    score_mod = None
     if mask is not None:
         full = mask.expand(q.shape[0], q.shape[1], q_len, kv_len)
         if full.dtype == torch.bool:
