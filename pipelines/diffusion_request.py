@@ -3,7 +3,7 @@ what to give instead, before any work is done or any state changes.
 
     request = DiffusionRequest.checked(pipeline, prompt="red apple", steps=20, guidance_scale=5.0)
 
-Depends on torch, PIL and diffusers' schedulers (their names); never on a pipeline module (the
+Depends on PIL, diffusers' schedulers (their names) and studio.text; never on a pipeline module (the
 pipeline is read through the attributes named below) or Gradio.
 """
 
@@ -22,6 +22,8 @@ from diffusers import (
     PNDMScheduler,
 )
 from PIL import Image
+
+from studio.text import lone_surrogate
 
 # Schedulers by name, each built from the loaded model's own scheduler config (its noise schedule).
 SCHEDULERS = {
@@ -82,6 +84,11 @@ class DiffusionRequest:
             )
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise ValueError(f"the negative prompt must be a string or None; got {type(negative_prompt).__name__}")
+        for what, text in (("prompt", prompt), ("negative prompt", negative_prompt or "")):
+            at = lone_surrogate(text)
+            if at is not None:
+                raise ValueError(f"the {what} holds a lone surrogate (U+{ord(text[at]):04X} at character {at}), half "
+                                 "of a character, which is not valid Unicode; remove it")
         if pipeline.conditioning == "class":
             pipeline.class_id(prompt)
             pipeline.class_id(negative_prompt or "")

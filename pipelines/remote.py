@@ -39,9 +39,10 @@ from collections.abc import Iterator, Mapping
 import httpx
 
 from studio.profiling import StepTimer
+from studio.text import lone_surrogate
 
+from .generation import GenerationOutput, TokenStep
 from .sampling import SamplingSettings
-from .text_generation import GenerationOutput, TokenStep
 
 # The one place the app learns of a remote model: "<base URL>#<model>", for example
 # STUDIO_REMOTE_LLM=http://gpu-box:8000/v1#Qwen/Qwen2.5-72B-Instruct. Without "#<model>" the
@@ -291,13 +292,12 @@ class RemoteTextGeneration:
             raise ValueError("the prompt is empty; type some text to continue")
         for what, texts in (("prompt", prompts), ("stop string", stops)):
             for text in texts:
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError as error:  # JSON cannot carry it to the server
-                    raise ValueError(f"the {what} holds a lone surrogate (U+{ord(text[error.start]):04X}), half of "
-                                     "a character, which is not valid Unicode") from None
-                except AttributeError:
-                    raise ValueError(f"a {what} must be a string; got {text!r}") from None
+                if not isinstance(text, str):
+                    raise ValueError(f"a {what} must be a string; got {text!r}")
+                at = lone_surrogate(text)
+                if at is not None:  # JSON cannot carry it to the server
+                    raise ValueError(f"the {what} holds a lone surrogate (U+{ord(text[at]):04X}), half of "
+                                     "a character, which is not valid Unicode")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer; got {max_new_tokens}")
         if not isinstance(top_logprobs, int) or top_logprobs < 0:

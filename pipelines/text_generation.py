@@ -36,6 +36,7 @@ from studio.cost import decoder_shape, decoder_step_cost
 from studio.integrations.transformers import use_studio_attention
 from studio.loading import LoadError, check_weights_format, resolve_device, resolve_dtype
 from studio.profiling import StepTimer
+from studio.text import lone_surrogate
 
 from .fast_decode import fast_generate, wants_fast_path
 from .generation import (
@@ -256,6 +257,11 @@ class TextGenerationPipeline:
     def check_request(self, prompts, max_new_tokens, top_logprobs, num_draft_tokens, speculative, use_cache):
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise ValueError("the prompt is empty; type some text to continue")
+        for text in prompts:
+            at = lone_surrogate(text)
+            if at is not None:
+                raise ValueError(f"the prompt holds a lone surrogate (U+{ord(text[at]):04X} at character {at}), half of "
+                                 "a character, which is not valid Unicode; remove it")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer; got {max_new_tokens}")
         if self.context_length is not None and max_new_tokens > self.context_length:

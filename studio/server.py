@@ -52,6 +52,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from studio.text import lone_surrogate
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -211,16 +213,15 @@ def _check_values(data) -> None:
 
 
 def _check_string(text: str, where: list, key: bool = False) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
+    bad = lone_surrogate(text)
+    if bad is not None:
         what = "a field name" if key else "the text"
         at = f"{_path(where)}: " if where else ""
         raise APIError(
-            400, f"{at}{what} holds a lone surrogate (U+{ord(text[error.start]):04X} at character {error.start}), "
+            400, f"{at}{what} holds a lone surrogate (U+{ord(text[bad]):04X} at character {bad}), "
             "half of a character, which is not valid Unicode; send characters beyond U+FFFF as a surrogate pair "
             "or as UTF-8", param=str(where[0]) if where else None, code="invalid_unicode",
-        ) from None
+        )
 
 
 def _path(loc) -> str:

@@ -344,6 +344,8 @@ BAD_INPUTS = [
     ({"scheduler": "lms"}, "unknown scheduler 'lms'; use one of ddim, euler"),
     ({"cfg_mode": "parallel"}, "unknown cfg_mode"),
     ({"prompt": None}, "the prompt must be a string"),
+    ({"prompt": "abc \ud800"}, "the prompt holds a lone surrogate"),
+    ({"negative_prompt": "\udfff"}, "the negative prompt holds a lone surrogate"),
     ({"image": "apple.png"}, "image must be a PIL image"),
     ({"image": Image.new("RGB", (SIZE, SIZE)), "strength": 1.5}, "strength must be a number in"),
     ({"image": Image.new("RGB", (SIZE, SIZE)), "steps": 2, "strength": 0.2}, "leaves no denoising step"),

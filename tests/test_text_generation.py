@@ -335,6 +335,11 @@ def test_a_corrupt_weights_file_and_an_unknown_model_give_clear_errors(saved_llm
         TextGenerationPipeline.from_pretrained("nobody/no-such-model", device="cpu")
 
 
+def test_a_prompt_with_a_lone_surrogate_is_refused_clearly(llm):
+    with pytest.raises(ValueError, match="lone surrogate"):
+        llm("abc \ud800", max_new_tokens=2)
+
+
 def test_a_truncated_gguf_file_is_a_load_error(tmp_path):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 10**6, 10**6))  # a header promising a million tensors
