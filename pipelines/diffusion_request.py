@@ -57,6 +57,8 @@ class DiffusionRequest:
     stop_event: threading.Event | None
     attention: str | None  # the backends of the run (None: auto / each model's own dtype)
     precision: str | None
+    adapter: str | None  # the LoRA adapter of the run (None: the base model), and its weight
+    adapter_scale: float
 
     @property
     def guided(self) -> bool:
@@ -74,10 +76,11 @@ class DiffusionRequest:
 
     @classmethod
     def checked(cls, pipeline, *, prompt, negative_prompt, steps, guidance_scale, seed, height, width, scheduler,
-                cfg_mode, image, strength, preview, vae_preview_every, stop_event, attention, precision):
+                cfg_mode, image, strength, preview, vae_preview_every, stop_event, attention, precision, adapter,
+                adapter_scale):
         """The request, or a ValueError naming the bad value. `pipeline` supplies what the model
         allows: conditioning ("text" | "class"), class_id(), scheduler, size_multiple,
-        vae_scale_factor and default_size."""
+        vae_scale_factor, default_size and the adapters loaded."""
         if not isinstance(prompt, str):
             raise ValueError(
                 f"the prompt must be a string (empty for an unconditional image); got {type(prompt).__name__}"
@@ -104,6 +107,11 @@ class DiffusionRequest:
         if not is_integer(seed) or not 0 <= seed < SEED_LIMIT:
             raise ValueError(f"seed must be an integer from 0 to 2**64 - 1; got {seed!r}")
         check_scheduler_name(scheduler)
+        if adapter is not None and adapter not in pipeline.adapters:
+            loaded = ", ".join(pipeline.adapters) or "none; load one with load_adapter(path)"
+            raise ValueError(f"no adapter named {adapter!r} is loaded; loaded: {loaded}")
+        if not is_real(adapter_scale) or not math.isfinite(adapter_scale):
+            raise ValueError(f"adapter_scale must be a finite number (1.0: the adapter as trained); got {adapter_scale!r}")
         if cfg_mode not in CFG_MODES:
             raise ValueError(f"unknown cfg_mode {cfg_mode!r}; use one of {', '.join(CFG_MODES)}")
         if preview not in PREVIEWS:
@@ -134,7 +142,8 @@ class DiffusionRequest:
                     f"from {multiple} to {MAX_SIDE}; got {value!r}"
                 )
         return cls(prompt, negative_prompt, steps, guidance_scale, seed, height, width, scheduler, cfg_mode, image,
-                   strength, preview, vae_preview_every, stop_event, attention, precision)
+                   strength, preview, vae_preview_every, stop_event, attention, precision, adapter,
+                   float(adapter_scale))
 
 
 def check_scheduler_name(name: str | None) -> None:

@@ -97,7 +97,8 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def wants_fast_path(pipeline, fast_path: bool | None, use_cache: bool, speculative: str | None) -> bool:
+def wants_fast_path(pipeline, fast_path: bool | None, use_cache: bool, speculative: str | None,
+                    adapter: str | None = None) -> bool:
     """Resolve stream()'s fast_path argument. None: on where the model and the request allow it
     and it has not failed on this device, off otherwise (saying why in the log); True: on, or a
     clear error; False: off."""
@@ -110,6 +111,8 @@ def wants_fast_path(pipeline, fast_path: bool | None, use_cache: bool, speculati
         reason = "use_cache=False asks for the cache-less staircase, which the fast path exists to flatten"
     if reason is None and speculative is not None:
         reason = "speculative decoding verifies drafts in the plain loop"
+    if reason is None and adapter is not None:
+        reason = "a LoRA adapter runs unmerged in the plain loop (its hooks sit on layers the fast path fuses)"
     if reason is None and pipeline.fast_path_error is not None:
         reason = pipeline.fast_path_error
     if fast_path is None:

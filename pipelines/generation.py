@@ -43,6 +43,7 @@ class TokenStep(Step):
     from_draft: bool | None = None
     rejected: list[int] | None = None
     notice: str | None = None  # something the user should be told once, e.g. that the fast path fell back
+    adapter: str | None = None  # the LoRA adapter that ran (None: the base model)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class GenerationRequest:
     eos_token_ids: frozenset[int]
     attention: str | None = None  # the attention kernel the run's model calls use (None: "auto")
     stop_event: threading.Event | None = None
+    adapter: str | None = None  # the LoRA adapter the run's model calls add (None: the base model)
 
     @property
     def cancelled(self) -> bool:
@@ -128,7 +130,8 @@ class SequenceState:
         return TokenStep(
             phase=phase, index=index, timing=timing, sequence=self.index, token_id=self.generated[-1],
             text=self.added, logprob=logprob, top=alternatives(self.tokenizer, *top),
-            top_processed=alternatives(self.tokenizer, *top_processed), finish_reason=self.finish_reason, **fields,
+            top_processed=alternatives(self.tokenizer, *top_processed), finish_reason=self.finish_reason,
+            adapter=self.request.adapter, **fields,
         )
 
 

@@ -53,6 +53,8 @@ from studio.integrations import transformers as studio_transformers
 from studio.loading import LoadError, check_weights_format, resolve_device, resolve_dtype
 from studio.profiling import StepTimer, StepTiming
 
+from . import adapters
+from .adapters import attached
 from .diffusion_cost import CostMeter, component_weight_bytes
 from .diffusion_request import SCHEDULERS, DiffusionRequest, check_scheduler_name
 from .fast_diffusion import enable_fast_path
@@ -85,6 +87,7 @@ class DenoiseStep(Step):
     image: Image.Image | None = None  # decode: the final image
     pixels: np.ndarray | None = None  # decode: the same, float32 [H, W, 3] in [0, 1], before rounding to 8 bits
     parts: dict[str, StepTiming] = field(default_factory=dict)  # model -> its device time within this step
+    adapter: str | None = None  # the LoRA adapter that ran (None: the base model)
 
     @property
     def shares(self) -> dict[str, float]:
@@ -184,7 +187,8 @@ class LatentDiffusionPipeline:
             studio_diffusers.use_studio_attention(self.vae)
         if self.text_encoder is not None:
             studio_transformers.use_studio_attention(self.text_encoder)
-        self.flops_cache: dict[tuple, int] = {}  # FLOPs of one call, by component, attention kernel and input shapes
+        self.flops_cache: dict[tuple, int] = {}  # FLOPs of one call, by component and input shapes
+        self.adapters: dict[str, adapters.Adapter] = {}  # the LoRA adapters loaded, by name
         self.sync_precision(precision)
         self.fast_path_report = None
         if fast_path or (fast_path is None and self.device.type == "cuda"):
@@ -264,6 +268,8 @@ class LatentDiffusionPipeline:
         preview: str | None = "linear",
         vae_preview_every: int = 0,
         stop_event: threading.Event | None = None,
+        adapter: str | None = None,
+        adapter_scale: float = 1.0,
     ):
         """An iterator of DenoiseSteps, one for every step: encode, each denoising step, decode.
 
@@ -274,7 +280,9 @@ class LatentDiffusionPipeline:
         preview "linear" shows each step's x0 prediction through a latent -> RGB map;
         vae_preview_every=N decodes it with the VAE instead every N-th step. Neither changes the
         result. Stop between steps by closing the iterator, or by setting stop_event: the VAE then
-        decodes the last x0 prediction.
+        decodes the last x0 prediction. adapter: the name of a LoRA adapter loaded with
+        load_adapter(), its low-rank terms times adapter_scale added to the denoiser (and the
+        text encoder, where it has weights for it).
 
         The inputs are checked, and the backends chosen (a `backends.use()` scope around this
         call, else the pipeline's defaults), when stream() is called; they hold for the whole run.
@@ -284,7 +292,7 @@ class LatentDiffusionPipeline:
             self, prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed,
             height=height, width=width, scheduler=scheduler, cfg_mode=cfg_mode, image=image, strength=strength,
             preview=preview, vae_preview_every=vae_preview_every, stop_event=stop_event,
-            attention=choice.attention, precision=choice.precision,
+            attention=choice.attention, precision=choice.precision, adapter=adapter, adapter_scale=adapter_scale,
         )
         return self._run(request)
 
@@ -358,6 +366,7 @@ class LatentDiffusionPipeline:
                 denoiser_calls=cost.calls["denoiser"], warmup=index == 0, flops=cost.flops, bytes=cost.bytes,
                 parts=parts, preview=preview, preview_kind=request.preview_at(index) if preview else None,
                 shapes=self.step_shapes(latents, cost.shapes["denoiser"], conditioning, noise_pred),
+                adapter=request.adapter,
             )
 
         # 6. Decode: the final latents or, stopped early, the last x0 prediction
@@ -381,7 +390,8 @@ class LatentDiffusionPipeline:
             conditioning = {"class_labels": class_labels[-1:]}
             negative = {"class_labels": class_labels[:1]} if request.guided else None
             shapes = {"class_labels": tuple(class_labels.shape)}
-            return conditioning, negative, DenoiseStep(phase="encode", index=0, timing=timing, shapes=shapes)
+            event = DenoiseStep(phase="encode", index=0, timing=timing, shapes=shapes, adapter=request.adapter)
+            return conditioning, negative, event
 
         texts = ([negative_text] if request.guided else []) + [request.prompt]
         with timer.time() as timing:
@@ -408,7 +418,7 @@ class LatentDiffusionPipeline:
         cost = meter.take()
         event = DenoiseStep(
             phase="encode", index=0, timing=timing, flops=cost.flops, bytes=cost.bytes,
-            parts={"text_encoder": encoder_timing},
+            parts={"text_encoder": encoder_timing}, adapter=request.adapter,
             shapes={"token_ids": tuple(token_ids.shape), "text_embeddings": tuple(embeddings.shape)},
         )
         return conditioning, negative, event
@@ -494,10 +504,40 @@ class LatentDiffusionPipeline:
 
     @contextlib.contextmanager
     def _stage(self, request):
-        """Where every model call runs: no autograd, the request's attention kernel. Entered per
-        stage and never held across a yield, so between events the caller's own choice holds."""
-        with torch.no_grad(), backends.use(attention=request.attention):
+        """Where every model call runs: no autograd, the request's attention kernel and adapter.
+        Entered per stage and never held across a yield, so between events the caller's own
+        choice holds, and another run of this pipeline sees its own adapter (or none)."""
+        adapter = self.adapters.get(request.adapter) if request.adapter else None
+        with torch.no_grad(), backends.use(attention=request.attention), \
+                attached(self.adapter_components(), adapter, request.adapter_scale):
             yield
+
+    def adapter_components(self) -> dict[str, torch.nn.Module]:
+        """The models an adapter file names, by the prefix diffusers gives their weights."""
+        components = {"unet" if self.is_unet else "transformer": self.denoiser}
+        if self.text_encoder is not None:
+            components["text_encoder"] = self.text_encoder
+        return components
+
+    def load_adapter(self, path_or_name: str, name: str | None = None) -> str:
+        """Load a LoRA in diffusers' format (the folder or file save_lora_weights writes, or a
+        shipped adapter's name); returns the name to pass as stream(adapter=). Attention layers it
+        targets lose the fast path's fused projections, which would bypass its hooks."""
+        path = assets.resolve(path_or_name)
+        name = name or Path(path_or_name).stem
+        if not name or not name.strip():
+            raise ValueError("an adapter needs a name; pass name=")
+        adapter = adapters.read_diffusers(path, self.adapter_components(), name)
+        targeted = {f"{layer.component}.{layer.module}" for layer in adapter.layers}
+        for component, model in self.adapter_components().items():
+            for module_name, module in model.named_modules():
+                if isinstance(module, Attention) and getattr(module, "fused_projections", False) and any(
+                    t.startswith(f"{component}.{module_name}.") for t in targeted
+                ):
+                    module.fused_projections = False  # the processor reads to_q / to_k / to_v again
+        self.sync_precision(self.precision)  # re-weigh: unfused projections are read again
+        self.adapters[name] = adapter
+        return name
 
     def sync_precision(self, precision: str | None):
         """Bring the linear layers of the denoiser and the text encoder, where the FLOPs are, to

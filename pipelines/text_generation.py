@@ -38,6 +38,8 @@ from studio.loading import LoadError, check_weights_format, resolve_device, reso
 from studio.profiling import StepTimer
 from studio.text import lone_surrogate
 
+from . import adapters
+from .adapters import attached
 from .fast_decode import fast_generate, wants_fast_path
 from .generation import (
     Collected,
@@ -72,6 +74,7 @@ class TextGenerationPipeline:
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids, default=0)
+        self.adapters: dict[str, adapters.Adapter] = {}  # the LoRA adapters loaded, by name
         self.fast_decoder = None  # the fast path's decoder (fast_decode.py), built on first use
         self.fast_path_error: str | None = None  # why the fast path failed here: it is not tried again
 
@@ -146,6 +149,7 @@ class TextGenerationPipeline:
         num_draft_tokens: int = 4,
         stop_event: threading.Event | None = None,
         fast_path: bool | None = None,
+        adapter: str | None = None,
     ):
         """An iterator of TokenSteps, one for every step: tokenize, prefill, then each decode step.
 
@@ -158,19 +162,24 @@ class TextGenerationPipeline:
         False: off. On a CPU with bf16 matmul instructions its weights are bf16, so it may pick
         another token where two are nearly tied; fast_path=False is the fp32 loop that matches
         transformers' generate() token for token.
+        adapter: the name of a LoRA adapter loaded with load_adapter() to run with (None: the
+        base model); it runs unmerged, in the plain loop.
 
         The request is checked, and the backends chosen (a `backends.use()` scope around this
         call, else the pipeline's defaults), when stream() is called; they hold for the whole run.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         self.check_request(prompts, max_new_tokens, top_logprobs, num_draft_tokens, speculative, use_cache)
+        if adapter is not None and adapter not in self.adapters:
+            loaded = ", ".join(self.adapters) or "none; load one with load_adapter(path)"
+            raise ValueError(f"no adapter named {adapter!r} is loaded; loaded: {loaded}")
         choice = backends.resolve(self.attention, self.precision)
         request = GenerationRequest(
             SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty, seed), max_new_tokens,
             top_logprobs, tuple([stop] if isinstance(stop, str) else stop or ()), frozenset(self.eos_token_ids),
-            attention=choice.attention, stop_event=stop_event,
+            attention=choice.attention, stop_event=stop_event, adapter=adapter,
         )
-        fast = wants_fast_path(self, fast_path, use_cache, speculative)
+        fast = wants_fast_path(self, fast_path, use_cache, speculative, adapter)
         if speculative is not None:
             loop = functools.partial(speculative_generate, mode=speculative, draft=draft, k=num_draft_tokens)
         elif fast:
@@ -222,7 +231,8 @@ class TextGenerationPipeline:
         positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)[:, -new_ids.shape[1] :]
         # the backend scope is entered around each model call, never held across a yield: a
         # generator may be resumed from another thread, where a held context would not apply
-        with torch.no_grad(), backends.use(attention=request.attention):
+        adapter = self.adapters.get(request.adapter) if request.adapter else None
+        with torch.no_grad(), backends.use(attention=request.attention), attached({"model": self.model}, adapter):
             out = self.model(
                 input_ids=new_ids, attention_mask=attention_mask, position_ids=positions,
                 **{self.cache_keyword: kv_cache}, use_cache=kv_cache is not None, logits_to_keep=logits_to_keep, output_hidden_states=True,
@@ -236,6 +246,17 @@ class TextGenerationPipeline:
     def decode(self, token_ids: list[int], stops: list[str]) -> tuple[str, bool]:
         """The text of generated tokens, cut before the first stop string; and whether one was found."""
         return decode_text(self.tokenizer, token_ids, stops)
+
+    def load_adapter(self, path_or_name: str, name: str | None = None) -> str:
+        """Load a peft LoRA adapter (a folder with adapter_config.json and adapter_model.safetensors,
+        or a shipped adapter's name) for this model; returns the name to pass as stream(adapter=).
+        The base model is left as it is: adapters run unmerged, per call."""
+        path = assets.resolve(path_or_name)
+        name = name or Path(path_or_name).name
+        if not name or not name.strip():
+            raise ValueError("an adapter needs a name; pass name=")
+        self.adapters[name] = adapters.read_peft(path, self.model, name)
+        return name
 
     # -----------------------------------------------------------------------------------------
     # Input handling

@@ -1,0 +1,266 @@
+"""LoRA adapters: small low-rank weights added to a model's linear layers, switchable per call.
+
+    name = llm.load_adapter("path/to/peft-folder")           # adapter_config.json + adapter_model.safetensors
+    llm("The cat sat", adapter=name)                          # with it; adapter=None: the base model
+    name = img.load_adapter("path/to/lora-folder")           # what diffusers' save_lora_weights writes
+    img("red apple", adapter=name, adapter_scale=0.8)
+
+A LoRA adapter changes a layer y = W x into y = W x + scale · B (A x), with A [rank, in] and
+B [out, rank] learned and scale = lora_alpha / rank: a rank-r correction to W that costs
+r · (in + out) numbers instead of in · out. Here the correction runs *unmerged*: a forward hook on
+each target layer adds scale · B (A x) to its output while a call that asked for the adapter runs,
+so adapters switch per call, the base weights are never touched, and precision wrappers
+(backends.apply_precision) stay in place underneath. `merged()` folds scale · B A into the weights
+instead, for the benchmark's comparison of the two.
+
+Two file formats, the ones the stock libraries write:
+    peft (LLMs)       adapter_config.json (r, lora_alpha, target_modules, rank/alpha patterns) and
+                      adapter_model.safetensors, keys "base_model.model.<module>.lora_A.weight"
+    diffusers         pytorch_lora_weights.safetensors, keys "unet.<module>.lora_A.weight" and
+                      "text_encoder.<module>...", rank and alpha in its "lora_adapter_metadata"
+                      (alpha = rank where a file says nothing, as diffusers assumes)
+Pickles (adapter_model.bin) are refused, as the lanes refuse pickled weights.
+
+Depends on torch and safetensors; never on a pipeline module or Gradio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from studio.loading import LoadError
+
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+@dataclass(frozen=True)
+class LoraLayer:
+    component: str  # "model" (an LLM), or "unet" / "transformer" / "text_encoder" (a diffusion pipeline)
+    module: str  # the layer's qualified name within its component
+    down: torch.Tensor  # A: [rank, in]
+    up: torch.Tensor  # B: [out, rank]
+    scale: float  # lora_alpha / rank
+
+
+@dataclass(frozen=True)
+class Adapter:
+    name: str
+    source: str  # the folder it was read from
+    layers: tuple[LoraLayer, ...]
+
+    @property
+    def parameters(self) -> int:
+        return sum(layer.down.numel() + layer.up.numel() for layer in self.layers)
+
+    @property
+    def bytes(self) -> int:
+        return sum(layer.down.nbytes + layer.up.nbytes for layer in self.layers)
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({layer.down.shape[0] for layer in self.layers})
+
+    def by_target(self, components: dict[str, nn.Module]) -> list[dict]:
+        """Per kind of target layer (q_proj, to_k, ...): how many layers, the adapter's parameters
+        and bytes there, and the base weights' bytes of those layers."""
+        rows: dict[tuple[str, str], dict] = {}
+        for layer in self.layers:
+            parts = layer.module.split(".")
+            target = ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]  # "q_proj", "to_out.0"
+            row = rows.setdefault((layer.component, target), {"component": layer.component, "target": target,
+                                                              "layers": 0, "parameters": 0, "bytes": 0, "base_bytes": 0})
+            base = components[layer.component].get_submodule(layer.module)
+            row["layers"] += 1
+            row["parameters"] += layer.down.numel() + layer.up.numel()
+            row["bytes"] += layer.down.nbytes + layer.up.nbytes
+            row["base_bytes"] += base.weight.nbytes
+        return list(rows.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the two formats
+
+
+def read_peft(path: str | Path, model: nn.Module, name: str) -> Adapter:
+    """A peft LoRA folder for the causal LM `model`, checked against it."""
+    folder = Path(path)
+    _check_folder(folder, expected=PEFT_CONFIG, other=DIFFUSERS_WEIGHTS,
+                  other_kind="a diffusers LoRA (for the diffusion lane): load it with the diffusion pipeline's "
+                             "load_adapter")
+    try:
+        config = json.loads((folder / PEFT_CONFIG).read_text())
+    except (OSError, ValueError) as error:
+        raise LoadError(f"{folder / PEFT_CONFIG} is not readable JSON ({error}); restore the adapter folder") from error
+    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
+        raise LoadError(f"{folder} holds a {config.get('peft_type', 'LoRA')}{' (DoRA)' if config.get('use_dora') else ''} "
+                        "adapter; the studio runs plain LoRA adapters")
+    tensors = _read_weights(folder / PEFT_WEIGHTS)
+    rank, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", config.get("r", 8)))
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    root = "base_model.model."
+
+    def scale(module: str) -> float:
+        r = next((v for k, v in rank_pattern.items() if module.endswith(k)), rank)
+        a = next((v for k, v in alpha_pattern.items() if module.endswith(k)), alpha)
+        return a / (r ** 0.5 if config.get("use_rslora") else r)
+
+    pairs = _pairs(tensors, strip=root)
+    layers = tuple(LoraLayer("model", module, down, up, scale(module)) for module, (down, up) in pairs.items())
+    return _checked(Adapter(name, str(folder), layers), {"model": model})
+
+
+def read_diffusers(path: str | Path, components: dict[str, nn.Module], name: str) -> Adapter:
+    """A diffusers LoRA file (or the folder holding it) for a pipeline's `components`."""
+    path = Path(path)
+    file = path / DIFFUSERS_WEIGHTS if path.is_dir() else path
+    if path.is_dir():
+        _check_folder(path, expected=DIFFUSERS_WEIGHTS, other=PEFT_CONFIG,
+                      other_kind="a peft adapter for a language model: load it with the LLM pipeline's load_adapter")
+    tensors = _read_weights(file)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(file), "pt") as handle:
+            metadata = json.loads((handle.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    except (OSError, ValueError, SafetensorError):
+        metadata = {}
+    layers = []
+    for key, (down, up) in _pairs(tensors, strip="").items():
+        component, _, module = key.partition(".")
+        rank = down.shape[0]
+        alpha = metadata.get(f"{component}.lora_alpha", rank)
+        alpha = (metadata.get(f"{component}.alpha_pattern") or {}).get(module, alpha)
+        layers.append(LoraLayer(component, module, down, up, float(alpha) / rank))
+    return _checked(Adapter(name, str(path), tuple(layers)), components)
+
+
+def _check_folder(folder: Path, expected: str, other: str, other_kind: str) -> None:
+    if not folder.is_dir():
+        raise LoadError(f"no adapter at {folder}: give a folder holding {expected}, or a shipped adapter's name")
+    if (folder / expected).is_file():
+        return
+    if (folder / other).is_file():
+        raise LoadError(f"{folder} holds {other}: it is {other_kind}")
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    if pickles:
+        raise LoadError(f"{folder} holds only pickle weights ({', '.join(pickles[:2])}), which can run code when "
+                        "loaded; convert them to safetensors")
+    raise LoadError(f"{folder} has no {expected}: it is not an adapter folder this lane reads")
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise LoadError(f"{file} is missing; restore the adapter's files")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise LoadError(f"{file} is damaged ({error}); restore the adapter's files") from error
+
+
+def _pairs(tensors: dict[str, torch.Tensor], strip: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module -> (A, B) from "...<module>.lora_A.weight" / "lora_B.weight" keys (also the older
+    "lora.down" / "lora.up" spelling)."""
+    downs, ups = {}, {}
+    for key, tensor in tensors.items():
+        key = key.removeprefix(strip)
+        for marker, store in ((".lora_A.weight", downs), (".lora.down.weight", downs),
+                              (".lora_B.weight", ups), (".lora.up.weight", ups)):
+            if key.endswith(marker):
+                store[key[: -len(marker)]] = tensor
+    unpaired = sorted(set(downs) ^ set(ups))
+    if unpaired:
+        raise LoadError(f"the adapter's weights are incomplete: {unpaired[0]} has only one of its two LoRA matrices")
+    if not downs:
+        raise LoadError("the adapter file holds no LoRA weights (no lora_A / lora_B tensors)")
+    return {module: (downs[module], ups[module]) for module in sorted(downs)}
+
+
+def _checked(adapter: Adapter, components: dict[str, nn.Module]) -> Adapter:
+    """The adapter, if every layer it names exists in `components` as a linear layer of the shape
+    its matrices need; else a LoadError saying what does not fit."""
+    for layer in adapter.layers:
+        owner = components.get(layer.component)
+        if owner is None:
+            raise LoadError(f"adapter {adapter.name!r} has weights for a {layer.component!r}, which this model does not "
+                            f"have (it has {', '.join(components)})")
+        try:
+            module = owner.get_submodule(layer.module)
+        except AttributeError:
+            raise LoadError(f"adapter {adapter.name!r} targets {layer.component}.{layer.module}, which this model does "
+                            f"not have: it was trained for another architecture") from None
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise LoadError(f"adapter {adapter.name!r} targets {layer.module}, which is not a linear layer; the studio "
+                            "runs LoRA on linear layers only")
+        # GPT-2's Conv1D stores its weight transposed, [in, out]; nn.Linear's is [out, in]
+        in_features, out_features = weight.shape if type(module).__name__ == "Conv1D" else weight.shape[::-1]
+        rank = layer.down.shape[0]
+        if layer.down.shape != (rank, in_features) or layer.up.shape != (out_features, rank):
+            raise LoadError(
+                f"adapter {adapter.name!r} does not fit {layer.module}: its matrices are {tuple(layer.down.shape)} and "
+                f"{tuple(layer.up.shape)}, the layer needs ({rank}, {in_features}) and ({out_features}, {rank}): "
+                "a base model of another size, or a damaged adapter"
+            )
+    return adapter
+
+
+# ---------------------------------------------------------------------------------------------
+# Running with one
+
+
+@contextlib.contextmanager
+def attached(components: dict[str, nn.Module], adapter: Adapter | None, scale: float = 1.0):
+    """Run the enclosed calls with the adapter's low-rank terms added, unmerged (None: nothing).
+    The hooks are removed on the way out, so the next call sees the base model again."""
+    if adapter is None:
+        yield
+        return
+    handles = []
+    try:
+        for layer in adapter.layers:
+            module = components[layer.component].get_submodule(layer.module)
+            device, dtype = module.weight.device, module.weight.dtype
+            down, up = layer.down.to(device, dtype), layer.up.to(device, dtype)
+            handles.append(module.register_forward_hook(_lora_hook(down, up, layer.scale * scale)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _lora_hook(down: torch.Tensor, up: torch.Tensor, scale: float):
+    def add_low_rank(module, inputs, output):
+        x = inputs[0]
+        return output + scale * F.linear(F.linear(x.to(down.dtype), down), up).to(output.dtype)
+
+    return add_low_rank
+
+
+@contextlib.contextmanager
+def merged(components: dict[str, nn.Module], adapter: Adapter, scale: float = 1.0):
+    """Fold scale · B A into the target weights for the enclosed calls, then put the original
+    weights back exactly (they are kept aside, not recomputed). For models in their own dtype: a
+    precision wrapper's converted copy of a weight would not see the change."""
+    kept = []
+    try:
+        with torch.no_grad():
+            for layer in adapter.layers:
+                weight = components[layer.component].get_submodule(layer.module).weight
+                kept.append((weight, weight.detach().clone()))
+                delta = (layer.up.to(torch.float32) @ layer.down.to(torch.float32)) * (layer.scale * scale)
+                weight.add_(delta.to(weight.device, weight.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, original in kept:
+                weight.copy_(original)

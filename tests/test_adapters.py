@@ -1,0 +1,183 @@
+"""LoRA adapters in both lanes, against the stock libraries: peft's own model for the LLM lane,
+diffusers' load_lora_weights for the diffusion lane; and every bad adapter a clear error that
+leaves the base model loaded and working."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
+from peft.utils import get_peft_model_state_dict
+from tiny_models import generate_image, stock_sd, studio_pipeline, tiny_llm, tiny_sd_components
+
+from pipelines.text_generation import TextGenerationPipeline
+from studio.loading import LoadError
+
+PROMPT = "The cat sat on the mat. The cat sat"
+
+
+def save_peft_adapter(folder, family="llama", targets=("q_proj", "v_proj"), rank=4, **model_config):
+    """A peft LoRA with non-zero weights on both matrices (init_lora_weights=False), as training leaves it."""
+    torch.manual_seed(1)
+    model = get_peft_model(tiny_llm(family, **model_config), LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False, task_type="CAUSAL_LM",
+        fan_in_fan_out=family == "gpt2"))  # GPT-2's Conv1D layers store their weights transposed
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llm(tokenizer):
+    return TextGenerationPipeline(tiny_llm("llama"), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def peft_folder(tmp_path_factory):
+    return save_peft_adapter(tmp_path_factory.mktemp("peft-lora"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The LLM lane
+
+
+@pytest.mark.parametrize("family, targets", [("llama", ("q_proj", "v_proj")), ("gpt2", ("c_attn", "c_fc"))])
+def test_greedy_with_an_adapter_equals_peft_token_for_token(family, targets, tmp_path, tokenizer):
+    llm = TextGenerationPipeline(tiny_llm(family), tokenizer)
+    peft_folder = save_peft_adapter(tmp_path, family=family, targets=targets)
+    name = llm.load_adapter(str(peft_folder), name="tiny")
+    assert name == "tiny" and list(llm.adapters) == ["tiny"]
+    ours = llm(PROMPT, max_new_tokens=16, adapter="tiny")
+    reference = PeftModel.from_pretrained(tiny_llm(family), peft_folder).eval()
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        expected = reference.generate(**ids, max_new_tokens=16, do_sample=False, pad_token_id=llm.pad_token_id)
+    assert ours.token_ids == expected[0, ids["input_ids"].shape[1]:].tolist()
+    assert all(step.adapter == "tiny" for step in ours.steps[1:])
+
+
+def test_the_adapter_switches_per_call_and_leaves_the_base_untouched(llm, peft_folder):
+    base = llm(PROMPT, max_new_tokens=12, fast_path=False)
+    llm.load_adapter(str(peft_folder), name="tiny")
+    adapted = llm(PROMPT, max_new_tokens=12, adapter="tiny")
+    assert adapted.token_ids != base.token_ids  # the adapter changes what the model writes
+    again = llm(PROMPT, max_new_tokens=12, fast_path=False)
+    assert again.token_ids == base.token_ids and all(step.adapter is None for step in again.steps)
+    for layer in llm.adapters["tiny"].layers:  # nothing left behind on the layers it touched
+        assert not llm.model.get_submodule(layer.module)._forward_hooks
+
+
+def test_an_adapter_run_takes_the_plain_loop(llm, peft_folder):
+    llm.load_adapter(str(peft_folder), name="tiny")
+    with pytest.raises(ValueError, match="a LoRA adapter runs unmerged in the plain loop"):
+        llm(PROMPT, max_new_tokens=2, adapter="tiny", fast_path=True)
+
+
+def test_an_adapter_reports_its_parameters_against_the_base(llm, peft_folder):
+    llm.load_adapter(str(peft_folder), name="tiny")
+    adapter = llm.adapters["tiny"]
+    rows = {row["target"]: row for row in adapter.by_target({"model": llm.model})}
+    assert set(rows) == {"q_proj", "v_proj"}
+    q = llm.model.model.layers[0].self_attn.q_proj
+    assert rows["q_proj"]["parameters"] == 2 * 4 * (q.in_features + q.out_features)  # two layers, rank 4
+    assert rows["q_proj"]["base_bytes"] == 2 * q.weight.nbytes
+    assert adapter.parameters == sum(r["parameters"] for r in rows.values())
+
+
+def bad_adapters(tmp_path, tokenizer):
+    """(folder, message) pairs: each a way an adapter can be wrong."""
+    missing = tmp_path / "nothing-here"
+    damaged = save_peft_adapter(tmp_path / "damaged")
+    (damaged / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_model.bin").write_bytes(b"\x80\x04")
+    other_arch = save_peft_adapter(tmp_path / "gpt2", family="gpt2", targets=("c_attn",))
+    other_size = save_peft_adapter(tmp_path / "wide", hidden=128)
+    diffusers_lora = tmp_path / "diffusers"
+    diffusers_lora.mkdir()
+    (diffusers_lora / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    broken_config = save_peft_adapter(tmp_path / "bad-config")
+    (broken_config / "adapter_config.json").write_text("{not json")
+    return [
+        (missing, "no adapter at .*nothing-here"),
+        (damaged, "adapter_model.safetensors is damaged"),
+        (pickled, "only pickle weights"),
+        (other_arch, "targets model.transformer.h.0.attn.c_attn|which this model does not have"),
+        (other_size, "does not fit .*q_proj: its matrices are"),
+        (diffusers_lora, "a diffusers LoRA \\(for the diffusion lane\\)"),
+        (broken_config, "adapter_config.json is not readable JSON"),
+    ]
+
+
+def test_every_bad_adapter_is_a_clear_error_and_the_base_keeps_working(tmp_path, tokenizer):
+    llm = TextGenerationPipeline(tiny_llm("llama"), tokenizer)
+    expected = llm(PROMPT, max_new_tokens=6, fast_path=False).token_ids
+    for folder, message in bad_adapters(tmp_path, tokenizer):
+        with pytest.raises(LoadError, match=message):
+            llm.load_adapter(str(folder))
+    assert llm.adapters == {}
+    with pytest.raises(ValueError, match="no adapter named 'tiny' is loaded; loaded: none"):
+        llm(PROMPT, max_new_tokens=2, adapter="tiny")
+    assert llm(PROMPT, max_new_tokens=6, fast_path=False).token_ids == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# The diffusion lane
+
+
+@pytest.fixture(scope="module")
+def lora_folder(tmp_path_factory):
+    """A diffusers LoRA for the tiny SD's UNet and text encoder, written by diffusers itself."""
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(2)
+    pipe = stock_sd(tiny_sd_components())
+    unet_config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                             init_lora_weights=False)
+    text_config = LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    pipe.unet.add_adapter(unet_config)
+    inject_adapter_in_model(text_config, pipe.text_encoder)  # peft's own (transformers' add_adapter wants a newer peft)
+    folder = tmp_path_factory.mktemp("sd-lora")
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
+        unet_lora_adapter_metadata=unet_config.to_dict(), text_encoder_lora_adapter_metadata=text_config.to_dict(),
+    )
+    return folder
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_an_image_with_an_adapter_equals_diffusers_load_lora_weights(lora_folder, scale):
+    ours = studio_pipeline(tiny_sd_components())
+    name = ours.load_adapter(str(lora_folder), name="style")
+    got = generate_image(ours, adapter=name, adapter_scale=scale)
+    stock = stock_sd(tiny_sd_components())
+    stock.load_lora_weights(str(lora_folder))
+    expected = stock(
+        "a red apple", num_inference_steps=3, guidance_scale=5.0, output_type="np", height=got.image.height,
+        width=got.image.width, generator=torch.Generator("cpu").manual_seed(0), cross_attention_kwargs={"scale": scale},
+    ).images[0]
+    np.testing.assert_allclose(got.pixels, expected, atol=1e-4)
+    assert all(step.adapter == "style" for step in got.steps if step.phase in ("encode", "denoise"))
+
+
+def test_the_diffusion_adapter_switches_per_call(lora_folder):
+    pipe = studio_pipeline(tiny_sd_components())
+    base = generate_image(pipe)
+    pipe.load_adapter(str(lora_folder), name="style")
+    adapted = generate_image(pipe, adapter="style")
+    assert np.abs(adapted.pixels - base.pixels).max() > 1e-3
+    np.testing.assert_array_equal(generate_image(pipe).pixels, base.pixels)
+    with pytest.raises(ValueError, match="no adapter named 'other' is loaded; loaded: style"):
+        generate_image(pipe, adapter="other")
+    with pytest.raises(ValueError, match="adapter_scale must be a finite number"):
+        generate_image(pipe, adapter="style", adapter_scale=float("nan"))
+
+
+def test_a_peft_llm_adapter_is_refused_by_the_diffusion_lane(peft_folder):
+    pipe = studio_pipeline(tiny_sd_components())
+    with pytest.raises(LoadError, match="a peft adapter for a language model"):
+        pipe.load_adapter(str(peft_folder))
+    config = json.loads((peft_folder / "adapter_config.json").read_text())
+    assert config["r"] == 4
