@@ -28,8 +28,9 @@ from pathlib import Path
 from studio.loading import LoadError
 
 MANIFEST = Path(__file__).resolve().parent.parent / "assets" / "manifest.json"
-KINDS = ("llm", "diffusion")
-FORMATS = ("gguf", "diffusers")
+KINDS = ("llm", "diffusion")  # the lanes' models
+ADAPTER_KINDS = ("llm-adapter", "diffusion-adapter")  # LoRA adapters for a shipped model of a lane
+FORMATS = ("gguf", "diffusers", "peft", "diffusers-lora")
 
 # Written last into a converted folder: without it the folder is an interrupted conversion.
 CONVERTED_MARKER = "converted-from.json"
@@ -63,6 +64,7 @@ class ShippedModel:
     # is (a Hugging Face Space installs requirements.txt, which cannot carry a --no-deps package)
     hub_id: str | None = None
     example_prompt: str | None = None  # what the app and the docs show first
+    base: str | None = None  # an adapter's: the shipped model it was trained for
     example_prompts: tuple[str, ...] = ()  # a few more that work, offered as the app's examples
     manifest: Path = MANIFEST
 
@@ -93,7 +95,8 @@ def load_manifest(path: str | Path | None = None) -> dict[str, ShippedModel]:
             files = tuple(AssetFile(f["path"], f["sha256"], f["bytes"]) for f in entry.pop("files"))
             entry["example_prompts"] = tuple(entry.get("example_prompts") or ())
             model = ShippedModel(**entry, files=files, manifest=path)
-            if model.kind not in KINDS or model.format not in FORMATS or (model.folder is None) == (model.package is None):
+            kinds = KINDS + ADAPTER_KINDS
+            if model.kind not in kinds or model.format not in FORMATS or (model.folder is None) == (model.package is None):
                 raise ValueError(f"entry {model.name!r} has a bad kind, format or location")
             models[model.name] = model
     except (ValueError, KeyError, TypeError) as error:
@@ -104,7 +107,8 @@ def load_manifest(path: str | Path | None = None) -> dict[str, ShippedModel]:
 
 
 def list_models(kind: str | None = None, manifest: str | Path | None = None) -> list[str]:
-    """Names of the shipped models, all or of one kind ("llm" | "diffusion")."""
+    """Names of the shipped models, all or of one kind ("llm" | "diffusion" | "llm-adapter" |
+    "diffusion-adapter")."""
     return [name for name, model in load_manifest(manifest).items() if kind is None or model.kind == kind]
 
 

@@ -14,6 +14,9 @@ import torch
 
 from studio import assets
 
+# what `studio train` and `studio evaluate` know: the shipped diffusion models and adapters
+TRAINABLE = ["emoji-sd", "fashion-dit", "emoji-describer", "symbola-outline"]
+
 
 def cmd_backends(args) -> int:
     from studio import backends
@@ -126,18 +129,25 @@ def cmd_models(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from studio import train
+    from transformers.utils import logging as transformers_logging
 
+    from studio import train, train_adapters
+
+    transformers_logging.disable_progress_bar()  # the steps are the progress here
     torch.set_num_threads(args.threads)
-    train.train(args.model, out=args.out, resume=args.resume, **{k: v for k, v in vars(args).items() if k.endswith("_steps")})
+    if args.model in train_adapters.STEPS:
+        train_adapters.train(args.model, out=args.out, steps=args.steps)
+    else:
+        train.train(args.model, out=args.out, resume=args.resume,
+                    **{k: v for k, v in vars(args).items() if k.endswith("_steps")})
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from studio import train
+    from studio import train, train_adapters
 
     torch.set_num_threads(args.threads)
-    train.evaluate(args.model, folder=args.folder)
+    (train_adapters if args.model in train_adapters.STEPS else train).evaluate(args.model, folder=args.folder)
     return 0
 
 
@@ -295,18 +305,19 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("models", help="list the shipped models and check their files")
     p.set_defaults(run=cmd_models)
 
-    p = commands.add_parser("train", help="train a shipped diffusion model from scratch into assets/ (see docs/models.md)")
-    p.add_argument("model", choices=["emoji-sd", "fashion-dit"])
+    p = commands.add_parser("train", help="train a shipped diffusion model or adapter into assets/ (see docs/models.md)")
+    p.add_argument("model", choices=TRAINABLE)
     p.add_argument("--out", type=Path, help="the folder to write (default: assets/MODEL, recorded in assets/manifest.json)")
     p.add_argument("--vae-steps", type=int, help="default: the shipped model's")
     p.add_argument("--unet-steps", type=int, help="emoji-sd; default: the shipped model's")
     p.add_argument("--dit-steps", type=int, help="fashion-dit; default: the shipped model's")
+    p.add_argument("--steps", type=int, help="an adapter's training steps; default: the shipped adapter's")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run (or train on for more steps)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (one makes a run repeatable)")
     p.set_defaults(run=cmd_train)
 
-    p = commands.add_parser("evaluate", help="measure a shipped diffusion model; writes docs/models/MODEL-*")
-    p.add_argument("model", choices=["emoji-sd", "fashion-dit"])
+    p = commands.add_parser("evaluate", help="measure a shipped diffusion model or adapter; writes docs/models/MODEL-*")
+    p.add_argument("model", choices=TRAINABLE)
     p.add_argument("--folder", type=Path, help="a trained folder (default: the shipped one)")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(run=cmd_evaluate)

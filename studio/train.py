@@ -459,7 +459,7 @@ def record_in_manifest(name: str, folder: Path, **fields) -> None:
     the folder (assets/manifest.json for the shipped models)."""
     files = [{"path": p.relative_to(folder).as_posix(), "sha256": assets.sha256_of(p), "bytes": p.stat().st_size}
              for p in sorted(folder.rglob("*")) if p.is_file()]
-    entry = {"name": name, "kind": "diffusion", **fields, "license": "Apache-2.0", "format": "diffusers",
+    entry = {"name": name, "kind": "diffusion", "license": "Apache-2.0", "format": "diffusers", **fields,
              "folder": folder.name, "files": files, "restore": f"git checkout -- assets/{folder.name}"}
     path = folder.parent / "manifest.json"
     manifest = json.loads(path.read_text()) if path.exists() else {"models": []}

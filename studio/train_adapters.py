@@ -1,0 +1,192 @@
+"""Training the shipped LoRA adapters, one per lane, and measuring what each changes.
+
+    emoji-describer   for smollm2-135m: writes an emoji's CLDR name and keywords after the emoji
+                      ("🍕 pizza: cheese, pizza, slice"); trained on the English CLDR annotations
+                      (Debian unicode-cldr-core), measured by held-out perplexity on them and on
+                      general English (the GPL-3 text every Debian ships in /usr/share/common-licenses)
+    symbola-outline   for emoji-sd: draws an emoji in the black outline style of the Symbola font
+                      (Debian fonts-symbola) instead of Noto's colour; measured by a nearest-neighbour
+                      judge between the Symbola and the Noto render of each prompted emoji
+
+`studio train NAME` writes a peft / diffusers LoRA folder to assets/NAME and records it in the
+manifest; `studio evaluate NAME` measures it into docs/models/NAME-metrics.json. Training uses
+peft (the `train` extra); the lanes read the files without it.
+
+Depends on torch, transformers, diffusers, peft and the studio core; only the CLI imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from studio import assets
+from studio.train import CLDR_ANNOTATIONS, DOCS, record_in_manifest
+
+GENERAL_TEXT = Path("/usr/share/common-licenses/GPL-3")
+STEPS = {"emoji-describer": 300, "symbola-outline": 1500}
+BASES = {"emoji-describer": "smollm2-135m", "symbola-outline": "emoji-sd"}
+
+
+# ---------------------------------------------------------------------------------------------
+# emoji-describer (the LLM lane)
+
+
+def emoji_lines(path: Path = CLDR_ANNOTATIONS) -> list[str]:
+    """One line per emoji of the English CLDR annotations: "<emoji> <short name>: <keywords>"."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: apt-get install unicode-cldr-core")
+    names, keywords = {}, {}
+    for match in re.finditer(r'<annotation cp="([^"]+)"( type="tts")?>([^<]+)</annotation>', path.read_text()):
+        char, tts, text = match.groups()
+        if not any(ord(c) > 0x2000 for c in char):  # the file also annotates ASCII punctuation
+            continue
+        if tts:
+            names[char] = text
+        else:
+            keywords[char] = [k.strip() for k in text.split("|")]
+    return [f"{char} {names[char]}: {', '.join(k for k in keywords[char] if k != names[char])}\n"
+            for char in names if char in keywords]
+
+
+def split(items: list, every: int = 10) -> tuple[list, list]:
+    """Every `every`-th item held out for measuring, the rest for training."""
+    return [x for i, x in enumerate(items) if i % every], [x for i, x in enumerate(items) if not i % every]
+
+
+def general_windows(tokenizer, length: int = 128) -> list[list[int]]:
+    """General English (the GPL-3 text) as windows of `length` tokens."""
+    if not GENERAL_TEXT.is_file():
+        raise FileNotFoundError(f"{GENERAL_TEXT} is missing (it comes with Debian's base-files)")
+    ids = tokenizer(GENERAL_TEXT.read_text(), add_special_tokens=False)["input_ids"]
+    return [ids[i:i + length] for i in range(0, len(ids) - length, length)]
+
+
+@torch.no_grad()
+def perplexity(model, sequences: list[list[int]], batch_size: int = 16) -> float:
+    """exp(mean next-token cross-entropy) over every predicted token of `sequences`."""
+    total, count = 0.0, 0
+    for i in range(0, len(sequences), batch_size):
+        batch = sequences[i:i + batch_size]
+        width = max(len(s) for s in batch)
+        ids = torch.tensor([s + [0] * (width - len(s)) for s in batch])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch])
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="sum")
+        total, count = total + loss.item(), count + int((targets != -100).sum())
+    return math.exp(total / count)
+
+
+def train_emoji_describer(out: Path, steps: int, seed: int = 0) -> dict:
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from safetensors.torch import save_file
+
+    from pipelines.text_generation import TextGenerationPipeline
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    llm = TextGenerationPipeline.from_pretrained(BASES["emoji-describer"], device="cpu", dtype="fp32")
+    tokenizer = llm.tokenizer
+    train_lines, _ = split(emoji_lines())
+    encoded = [tokenizer(line, add_special_tokens=False)["input_ids"] for line in train_lines]
+    # every linear layer of every block, rank 8: 4.9 M parameters, 3.6 % of the model
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    # peft's layers injected straight into the model (PeftModel's wrapper would add nothing here)
+    model = inject_adapter_in_model(config, llm.model)
+    for parameter_name, parameter in model.named_parameters():
+        parameter.requires_grad = "lora_" in parameter_name
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    curve, started = [], time.perf_counter()
+    model.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:  # warm up, then cosine down to a tenth
+            group["lr"] = 1e-3 * min(1.0, (step + 1) / 30) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+        batch = [encoded[i] for i in torch.randint(len(encoded), (16,), generator=generator).tolist()]
+        width = max(len(s) for s in batch)
+        ids = torch.tensor([s + [tokenizer.pad_token_id or 0] * (width - len(s)) for s in batch])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch])
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        curve.append(loss.item())
+        if step % 25 == 0 or step == steps - 1:
+            print(f"emoji-describer step {step + 1}/{steps}  loss {sum(curve[-25:]) / len(curve[-25:]):.3f}  "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
+    model.eval()
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    # the folder PeftModel.save_pretrained writes: its config, and the LoRA weights under peft's prefix
+    config.save_pretrained(out)
+    weights = {f"base_model.model.{key}": value.contiguous() for key, value in get_peft_model_state_dict(model).items()}
+    save_file(weights, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    parameters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    record_in_manifest(
+        "emoji-describer", out, kind="llm-adapter", base=BASES["emoji-describer"], parameters=parameters,
+        architecture="LoRA rank 8 (alpha 16) on q/k/v/o and gate/up/down of all 30 blocks of SmolLM2-135M",
+        training_data=f"{len(train_lines)} of the {len(train_lines) + len(split(emoji_lines())[1])} English CLDR emoji "
+                      "annotations, one line each: '<emoji> <name>: <keywords>' (every tenth held out)",
+        training_data_license="Unicode License v3 (CLDR annotations, Debian package unicode-cldr-core)",
+        source=f"trained by `studio train emoji-describer` ({steps} steps, batch 16, seed {seed})",
+        format="peft", example_prompt="🍕",
+    )
+    return {"loss": curve, "seconds": time.perf_counter() - started}
+
+
+def evaluate_emoji_describer(folder: Path) -> dict:
+    """Held-out perplexity of the base model and with the adapter: on the held-out annotations (the
+    domain) and on general English."""
+    from pipelines.adapters import attached
+    from pipelines.text_generation import TextGenerationPipeline
+
+    llm = TextGenerationPipeline.from_pretrained(BASES["emoji-describer"], device="cpu", dtype="fp32")
+    name = llm.load_adapter(str(folder), name="emoji-describer")
+    _, held_out = split(emoji_lines())
+    domain = [llm.tokenizer(line, add_special_tokens=False)["input_ids"] for line in held_out]
+    general = general_windows(llm.tokenizer)
+    results = {"held_out_lines": len(domain), "general_windows": len(general)}
+    for label, adapter in (("base", None), ("adapter", llm.adapters[name])):
+        with attached({"model": llm.model}, adapter):
+            results[label] = {"domain_perplexity": perplexity(llm.model, domain),
+                              "general_perplexity": perplexity(llm.model, general)}
+    results["domain_change"] = results["adapter"]["domain_perplexity"] / results["base"]["domain_perplexity"] - 1
+    results["general_change"] = results["adapter"]["general_perplexity"] / results["base"]["general_perplexity"] - 1
+    samples = {}
+    for char in ("🍕", "🚀", "🐶", "☕"):
+        samples[char] = {label: llm(char, max_new_tokens=14, adapter=adapter, fast_path=False).text
+                         for label, adapter in (("base", None), ("adapter", name))}
+    results["samples"] = samples
+    print(f"emoji-describer: domain perplexity {results['base']['domain_perplexity']:.1f} -> "
+          f"{results['adapter']['domain_perplexity']:.1f} ({results['domain_change']:+.0%}), general "
+          f"{results['base']['general_perplexity']:.1f} -> {results['adapter']['general_perplexity']:.1f} "
+          f"({results['general_change']:+.1%})", flush=True)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The `studio train` and `studio evaluate` commands for adapters
+
+
+def train(name: str, out: Path | None = None, steps: int | None = None) -> None:
+    out = out or assets.MANIFEST.parent / name
+    trainer = {"emoji-describer": train_emoji_describer}[name]
+    curves = trainer(out, steps or STEPS[name])
+    DOCS.mkdir(parents=True, exist_ok=True)
+    (DOCS / f"{name}-training.json").write_text(json.dumps(curves))
+
+
+def evaluate(name: str, folder: Path | None = None) -> None:
+    folder = folder or Path(assets.resolve(name))
+    results = {"emoji-describer": evaluate_emoji_describer}[name](folder)
+    DOCS.mkdir(parents=True, exist_ok=True)
+    (DOCS / f"{name}-metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
