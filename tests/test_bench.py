@@ -2,11 +2,13 @@
 
 import csv
 import json
+import sys
 
 import pytest
 import torch
 
 from studio import bench
+from studio.bench.results import table_row
 from studio.cli import main
 from studio.profiling import ceilings_for
 
@@ -57,8 +59,8 @@ def test_quick_bench_writes_json_csv_markdown_and_plots(quick_run):
     for plot in ("roofline", "llm", "diffusion", "attention"):
         assert (out / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "bench.md").read_text()
-    for section in ("## LLM lane", "## LLM prefill", "## Diffusion lane", "## Attention kernels",
-                    "## Side by side", "## Predicted", "## Goals"):
+    for section in ("## LLM lane", "## LLM prefill", "## Precision agreement", "## Diffusion lane",
+                    "## Attention kernels", "## Side by side", "## Predicted", "## Goals"):
         assert section in md
     assert data["meta"]["memory_method"] and data["ceilings"]["bandwidth"] > 0
 
@@ -75,8 +77,10 @@ def test_quick_bench_places_both_lanes_next_to_the_stock_libraries(quick_run):
         assert default[column] is not None and default[column] > 0, column
     assert {r["cache"] for r in llm if r["status"] == "ok"} == {"on", "off"}
     assert {r["speculative"] for r in llm if r["status"] == "ok"} >= {"none", "prompt-lookup", "self"}
-    fast = [r for r in llm if r["fast_path"] == "on"]
-    assert fast and all(r["status"] == "skipped" and r["reason"] for r in fast)  # listed, not faked
+    assert {r["fast_path"] for r in llm if r["path"] == "studio"} == {"on", "off"}  # every row says which
+    _fast_path_rows_ran(data)
+    llamacpp = [r for r in llm if r["path"] == "llama.cpp"]
+    assert len(llamacpp) == 1 and llamacpp[0]["status"] == "skipped" and "GGUF" in llamacpp[0]["reason"]
 
     assert any(r["path"] == "stock diffusers" and r["status"] == "ok" for r in diffusion)
     cfg = {r["cfg"] for r in diffusion if r["path"] == "studio" and r["status"] == "ok"}
@@ -88,6 +92,115 @@ def test_quick_bench_places_both_lanes_next_to_the_stock_libraries(quick_run):
     workloads = {(r["lane"], r["workload"]) for r in data["tables"]["side_by_side"]}
     assert workloads == {("llm", "prefill"), ("llm", "decode"), ("diffusion", "denoise step"), ("diffusion", "vae decode")}
     assert {g["id"] for g in data["goals"]} == {g["id"] for g in bench.GOALS}
+
+
+def _fast_path_rows_ran(data):
+    """The fast path's rows run wherever the fast path does, the CPU included (compiled, with its
+    compile time apart), and say why where they do not."""
+    device = data["meta"]["device"]
+    fast = [r for r in data["tables"]["llm"] if r["fast_path"] == "on"]
+    ran = [r for r in fast if r["status"] == "ok"]
+    assert fast and all(r["reason"] for r in fast if r["status"] != "ok")  # listed, not faked
+    if device == "cpu" or device.startswith("cuda"):
+        own = "bf16" if device.startswith("cuda") else data["meta"]["cpu_fast_path_weights"]["format"]
+        assert {(r["weights"], r["top_logprobs"]) for r in ran} == {(own, 0), (own, 5), ("int8", 0)}
+        assert all(r["compile_s"] is not None and r["decode_tok_s"] > 0 for r in ran)
+        assert ran[0]["compile_s"] > 0  # the first one compiled; the top-5 row reuses its compiled step
+        paired = next(r for r in ran if r["top_logprobs"] == 5)
+        assert paired["paired_overhead"] is not None
+
+
+def test_quick_bench_measures_time_to_first_token_and_precision_agreement(quick_run):
+    _, data = quick_run
+    prefill = {r["path"]: r for r in data["tables"]["prefill"] if r["model"].startswith("tiny-llama")}
+    stock, plain = prefill["transformers generate()"], prefill["studio stream (plain loop)"]
+    assert stock["status"] == plain["status"] == "ok"
+    assert plain["ttft_ms"] >= plain["ms"] > 0 and plain["speedup_vs_stock"] > 0  # event inside the wall clock
+    assert prefill["llama.cpp"]["status"] == "skipped"  # random weights: no GGUF
+    forward = [r for r in data["tables"]["prefill"] if r["path"] == "studio (prefill forward)"]
+    assert any(r["status"] == "ok" for r in forward)
+    agreement = {r["precision"]: r for r in data["tables"]["agreement"]}
+    assert set(agreement) == {"bf16", "int8", "fp16"}
+    int8 = agreement["int8"]
+    assert int8["status"] == "ok" and int8["positions"] == 32  # --quick: 32 greedy positions
+    assert 0 <= int8["top1_agreement"] <= 1 and int8["max_logit_difference"] >= 0
+    md = (quick_run[0] / "bench.md").read_text()
+    assert "## Precision agreement" in md and "compile s" in md
+
+
+def test_cpu_goals_are_ratios_of_rows_measured_in_one_run():
+    """The CPU goals (issue 13) read as the same-run ratios they state, met or not on a CPU run."""
+    settings = bench.Settings.for_device("cpu", quick=True)
+    settings.prefill_tokens = 512
+    results = bench.Results(settings)
+    results.ceilings = ceilings_for("cpu")
+    results.meta["cpu_fast_path_weights"] = {"format": "bf16", "reason": "test"}
+
+    def llm_row(path, tok_s, fast="off", weights="fp32", top=0):
+        results.add("llm", table_row("llm", model="m", path=path, cache="on", speculative="none", status="ok",
+                                     fast_path=fast, weights=weights, top_logprobs=top, decode_tok_s=tok_s))
+
+    llm_row("transformers generate()", 20.0)
+    llm_row("llama.cpp", 100.0, weights="Q4_1")
+    llm_row("studio", 22.0)  # the plain loop, fp32
+    llm_row("studio", 21.0, top=5)
+    llm_row("studio", 60.0, fast="on", weights="bf16")
+    llm_row("studio", 55.0, fast="on", weights="bf16", top=5)
+    llm_row("studio", 40.0, fast="on")  # fast path, fp32
+    llm_row("studio", 70.0, fast="on", weights="int8")
+    for precision, share in (("bf16", 0.99), ("int8", 0.97)):
+        results.add("agreement", table_row("agreement", model="m", precision=precision, status="ok", positions=256,
+                                           top1_agreement=share, max_logit_difference=0.5))
+    for path, ms, ttft in (("transformers generate()", 900.0, 900.0), ("studio stream (fast path)", 400.0, 450.0)):
+        results.add("prefill", table_row("prefill", model="m", path=path, status="ok", ms=ms, ttft_ms=ttft,
+                                         weights="bf16"))
+    bench.evaluate_goals(results)
+    goals = {g["id"]: g for g in results.goals}
+    assert goals["cpu-vs-llamacpp"]["measured"] == pytest.approx(0.55) and goals["cpu-vs-llamacpp"]["met"] is False
+    assert goals["cpu-vs-generate"]["measured"] == pytest.approx(55 / 20) and goals["cpu-vs-generate"]["met"] is True
+    assert goals["cpu-int8"]["measured"] == pytest.approx(70 / 40) and goals["cpu-int8"]["met"] is True
+    assert goals["cpu-bf16"]["measured"] == pytest.approx(60 / 40) and goals["cpu-bf16"]["met"] is True
+    assert goals["cpu-agreement"]["measured"] == pytest.approx(0.97) and goals["cpu-agreement"]["met"] is True
+    assert goals["cpu-prefill"]["measured"] == pytest.approx(2.0) and goals["cpu-prefill"]["met"] is True
+    assert goals["cpu-diffusion"]["measured"] is None and "not measured" in goals["cpu-diffusion"]["detail"]
+    assert goals["smollm-decode"]["met"] is None  # a GPU goal on a CPU run: distance only
+
+    results.goals.clear()
+    results.meta["cpu_fast_path_weights"] = {"format": "fp32", "reason": "this CPU has no bf16 matmul instructions"}
+    bench.evaluate_goals(results)
+    bf16 = next(g for g in results.goals if g["id"] == "cpu-bf16")
+    assert bf16["measured"] is None and "no bf16 matmul" in bf16["detail"]
+
+
+def test_llamacpp_row_is_skipped_with_the_reason_where_its_binding_is_missing(monkeypatch):
+    from studio.bench import llamacpp
+
+    monkeypatch.setitem(sys.modules, "cyllama", None)  # import cyllama now raises ImportError
+    monkeypatch.setitem(sys.modules, "cyllama.llama", None)
+    monkeypatch.setitem(sys.modules, "cyllama.llama.llama_cpp", None)
+    assert "pip install '.[llamacpp]'" in llamacpp.unavailable()
+    assert llamacpp.gguf_path("tiny-llama")[0] is None and "GGUF" in llamacpp.gguf_path("tiny-llama")[1]
+
+
+def test_llamacpp_decodes_the_shipped_gguf_with_the_studios_threads():
+    pytest.importorskip("cyllama.llama.llama_cpp", reason="the optional extra llamacpp (cyllama) is not installed")
+    from studio.bench import llamacpp
+
+    path, reason = llamacpp.gguf_path("smollm2-135m")
+    if path is None:
+        pytest.skip(reason)
+    runner = llamacpp.LlamaCpp(path, context=64, threads=torch.get_num_threads())
+    try:
+        first = runner.generate("The cat sat", new_tokens=4)
+        again = runner.generate("The cat sat", new_tokens=4)  # the cache is cleared between runs
+        assert runner.quantization == "Q4_1" and runner.weights_bytes > 0
+        assert runner.ctx.n_threads() == runner.ctx.n_threads_batch() == torch.get_num_threads()
+        assert len(first["token_ids"]) == 4 and first["token_ids"] == again["token_ids"]  # greedy
+        assert first["ttft_ms"] > 0 and first["decode_tok_s"] > 0 and first["prompt_len"] == len(runner.tokens("The cat sat"))
+        with pytest.raises(ValueError, match="context"):
+            runner.generate("The cat sat", new_tokens=64)
+    finally:
+        runner.close()
 
 
 def test_quick_bench_checks_the_inspector_against_what_it_measured(quick_run):

@@ -5,9 +5,13 @@ libraries and the device's roofline; written as JSON, CSV, a markdown table and 
     paths = write_results(results, "results/quick")
 
 The tables, one row per workload:
-    llm           the LLM lane per attention kernel, precision, KV cache on/off, fast path, speculative mode
-                  (and per-token alternatives on/off), next to transformers' generate() on the same model
-    prefill       one long prompt through the LLM: TFLOP/s and share of the matmul peak, per kernel
+    llm           the LLM lane per attention kernel, precision, KV cache on/off, fast path (compiled; its
+                  weights in the device's default format, the model's own dtype, int8), speculative mode
+                  (and per-token alternatives on/off), next to transformers' generate() and llama.cpp
+                  (the same GGUF file, prompts, length and threads) on the same model
+    prefill       one long prompt through the LLM: TFLOP/s and share of the matmul peak, per kernel; and
+                  its time to first token on the lane (fast path, plain loop), generate() and llama.cpp
+    agreement     how far bf16, int8 and fp16 move the LLM's greedy choice from its own dtype
     diffusion     the diffusion lane per kernel, precision, CFG batched/sequential/off (and previews on/off),
                   next to the stock diffusers pipeline built from the same components
     attention     every attention kernel on one long causal sequence: time, TFLOP/s, peak memory
@@ -20,8 +24,12 @@ One module per concern; each imports only those above it in this list, so no two
     measure     timing over rotating inputs, peak memory, memory deltas (how every figure is taken)
     shapes      reference architectures with random weights, the byte tokenizer
     results     Settings, the tables' columns, Results, and what every lane needs to add a row
+    agreement   precision agreement, teacher-forced, and the agreement table
+    llamacpp    llama.cpp through the cyllama binding: the GGUF file of a model, timed as the lane is
     attention   the attention-kernel table
-    llm         the LLM lane and prefill tables, with transformers' generate() next to them
+    prefill     the prefill table: the long forward per kernel, time to first token per path
+    llm         the LLM lane table, with generate() and llama.cpp next to it (and the prefill and
+                agreement tables' tasks, which take the LLM's bench as an argument)
     diffusion   the diffusion lane table, with the stock diffusers pipeline next to it
     goals       the side-by-side table and the goals, from the lanes' rows
     report      writing JSON, CSV, markdown and plots; measured next to predicted for `studio inspect`

@@ -1,11 +1,14 @@
 """The LLM rows of `studio bench`: the LLM lane per attention kernel, precision, KV cache on/off, fast
-path and speculative mode (and per-token alternatives on/off), next to transformers' generate() on
-the same model and prompts; and one long prompt through the model per kernel and precision (the
-prefill table). Also what the inspector predicted for the model against what was measured.
+path (compiled, its weights in the device's default format, in the model's own dtype, int8) and
+speculative mode (and per-token alternatives on/off), next to transformers' generate() and
+llama.cpp on the same model, prompts, length and threads. Its tasks also fill the prefill table
+(studio.bench.prefill) and the precision-agreement table (studio.bench.agreement), and what the
+inspector predicted for the model against what was measured.
 
 Depends on torch, studio.backends, studio.cost, studio.inspector and studio.bench.measure /
-.shapes / .results; imports the LLM pipeline and transformers inside its functions, as a consumer
-of the lanes. Never imports another lane of the bench, the goals, the report or the UI.
+.shapes / .results / .agreement / .prefill (which take this bench as an argument, and never import
+it); imports the LLM pipeline, transformers and studio.bench.llamacpp inside its functions, as a
+consumer of the lanes. Never imports another lane of the bench, the goals, the report or the UI.
 """
 
 from __future__ import annotations
@@ -19,11 +22,10 @@ from time import perf_counter
 import torch
 
 from studio import backends, inspector
+from studio.bench.agreement import PRECISIONS, agreement_rows
 from studio.bench.measure import (
-    ROTATIONS,
     MemoryDelta,
     PeakMemory,
-    measure_rotating,
     median_spread,
     paired_overhead,
     relative_error,
@@ -31,8 +33,8 @@ from studio.bench.measure import (
     tensor_bytes,
     touch,
 )
+from studio.bench.prefill import first_token_rows, prefill_rows
 from studio.bench.results import (
-    TILED_MAX_BLOCK_PAIRS,
     Results,
     Settings,
     attention_grid,
@@ -49,9 +51,6 @@ from studio.bench.results import (
 from studio.bench.shapes import build_llm_shape, reference_name
 from studio.cost import decoder_step_cost
 
-QUICK_PREFILL = ("auto", "eager")  # the kernels --quick runs the long prefill with
-
-
 _WORDS = (
     "the river carried small boats past old mills while children counted clouds above green hills and a baker "
     "opened his shop to sell warm bread to travellers who had walked all night through quiet villages near the sea"
@@ -59,7 +58,8 @@ _WORDS = (
 
 
 class LLMBench:
-    """One LLM: every lane variant, the long prefill, and transformers' generate() next to them."""
+    """One LLM: every lane variant, transformers' generate() and llama.cpp next to them, the long
+    prefill and the precision agreement."""
 
     def __init__(self, settings: Settings, results: Results, name: str, shape: bool):
         self.settings, self.results, self.name, self.shape = settings, results, name, shape
@@ -76,17 +76,26 @@ class LLMBench:
         tasks.append((f"{self.name}: generate()", lambda: self.stock(static=False)))
         if self.device.type == "cuda" and not s.quick:
             tasks.append((f"{self.name}: generate(static)", lambda: self.stock(static=True)))
+        tasks.append((f"{self.name}: llama.cpp", self.llamacpp_row))
         for variant in self.variants():
             tasks.append((f"{self.name}: {self._label(variant)}", lambda v=variant: self.decode_row(v)))
-        tasks.append((f"{self.name}: prefill", self.prefill_rows))
+        tasks.append((f"{self.name}: prefill", lambda: prefill_rows(self)))
+        tasks.append((f"{self.name}: time to first token", lambda: first_token_rows(self)))
+        tasks.append((f"{self.name}: precision agreement", self.agreement))
         tasks.append((f"{self.name}: free", self.free))
         return tasks
 
     def variants(self) -> list[dict]:
-        """The rows, as changes from the lane's default (auto kernel, the model's dtype, cache on,
-        no fast path, plain decoding): each kernel, each precision, cache off, fast path, each
-        speculative mode, and the per-token alternatives on (the events' cost)."""
-        default = dict(attention="auto", precision=None, cache=True, fast_path=False, speculative=None, top_logprobs=0)
+        """The rows, as changes from the plain loop's default (auto kernel, the model's dtype, cache
+        on, no fast path, plain decoding): each kernel, each precision, cache off, each speculative
+        mode, the per-token alternatives on (the events' cost); then the fast path (compiled; its
+        weights in the device's default format, in the model's own dtype where that differs, int8)
+        and the alternatives' cost on it. Every row passes fast_path explicitly: None would turn
+        the fast path on wherever it helps, under a label saying "off"."""
+        from pipelines.fast_decode import cpu_weight_format
+
+        default = dict(attention="auto", precision=None, cache=True, fast_path=False, speculative=None, top_logprobs=0,
+                       weights=None)
         rows = [dict(default)]
         dtype = self._dtype()
         for kernel, reason in attention_grid(self.settings, self.device, dtype, "llm"):
@@ -96,16 +105,21 @@ class LLMBench:
             if precision is not None:
                 rows.append(dict(default, precision=precision, skip=reason))
         rows.append(dict(default, cache=False))
-        fast_reason = None
-        if self.device.type != "cuda":
-            fast_reason = "the fast path (static KV cache + CUDA graphs) is for CUDA GPUs"
-        rows.append(dict(default, fast_path=True, skip=fast_reason))
         rows.append(dict(default, speculative="prompt-lookup"))
         rows.append(dict(default, speculative="self"))
         rows.append(dict(default, speculative="draft",
                          skip=None if self.settings.draft else "no draft model: pass --draft MODEL (sharing the tokenizer)"))
         # paired: each timed run alternates with one without the alternatives, so drift hits both alike
         rows.append(dict(default, top_logprobs=5, paired={"top_logprobs": 0}))
+        # the fast path, in an order that compiles each decoder once: a precision change rebuilds it
+        fast = dict(default, fast_path=True, weights="auto")
+        rows.append(fast)
+        rows.append(dict(fast, top_logprobs=5, paired={"top_logprobs": 0}))
+        if cpu_weight_format(self.device)[0] is not None:  # "auto" is not the model's own dtype here
+            rows.append(dict(fast, weights=None, skip="--quick compiles the fast path twice (auto weights and int8); "
+                             "run without --quick for its fp32 row" if self.settings.quick else None))
+        int8 = dict(precision_grid(self.settings, self.device, dtype)).get("int8", "int8 is not registered")
+        rows.append(dict(fast, precision="int8", skip=int8))
         return rows
 
     @staticmethod
@@ -124,7 +138,7 @@ class LLMBench:
         parts = [f"attention={v['attention']}", f"precision={v['precision'] or 'native'}",
                  f"cache={'on' if v['cache'] else 'off'}"]
         if v["fast_path"]:
-            parts.append("fast path")
+            parts.append(f"fast path (weights {v['weights'] or 'own dtype'})")
         if v["speculative"]:
             parts.append(f"speculative={v['speculative']}")
         if v["top_logprobs"]:
@@ -148,6 +162,11 @@ class LLMBench:
         llm = self.llm
         # a benchmark generates exactly new_tokens tokens, as generate(min_new_tokens=...) does
         llm.eos_token_ids = set()
+        if self.device.type == "cpu":
+            from pipelines.fast_decode import cpu_weight_format
+
+            fmt, reason = cpu_weight_format(self.device)
+            self.results.meta["cpu_fast_path_weights"] = {"format": fmt or dtype_name(self._dtype()), "reason": reason}
         config = llm.model.config.to_dict()
         self.arch = self.name if self.shape else reference_name(config, "llm")
         dtype_key = dtype_name(self._dtype())
@@ -183,6 +202,9 @@ class LLMBench:
             AutoModelForCausalLM._model_mapping[type(config)]
 
     def free(self):
+        if getattr(self, "_llamacpp", None) is not None:
+            self._llamacpp.close()
+            self._llamacpp = None
         self.llm = None
         gc.collect()
         if self.device.type == "cuda":
@@ -192,10 +214,22 @@ class LLMBench:
         v = v or {}
         return dict(model=self.model_name, arch=getattr(self, "arch", None), path=path,
                     attention=v.get("attention", "sdpa" if path != "studio" else None),
-                    precision=v.get("precision") or "native", dtype=dtype_name(self._dtype()),
+                    precision=v.get("precision") or "native", dtype=dtype_name(self._dtype()), weights=self._weights(v),
                     cache="on" if v.get("cache", True) else "off", fast_path="on" if v.get("fast_path") else "off",
                     speculative=v.get("speculative") or "none", top_logprobs=v.get("top_logprobs", 0),
                     prompt_tokens=self.settings.prompt_tokens, new_tokens=self.settings.new_tokens)
+
+    def _weights(self, v: dict) -> str:
+        """The format the matmuls read the weights in: the precision asked for, else on the fast
+        path with weights="auto" the device's default (bf16 on a CPU that multiplies it in
+        hardware), else the model's own dtype."""
+        if v.get("precision"):
+            return v["precision"]
+        if v.get("fast_path") and v.get("weights") == "auto":
+            from pipelines.fast_decode import cpu_weight_format
+
+            return cpu_weight_format(self.device)[0] or dtype_name(self._dtype())
+        return dtype_name(self._dtype())
 
     def _not_loaded(self, table: str, base: dict) -> bool:
         if self.llm is None:
@@ -204,14 +238,15 @@ class LLMBench:
             return True
         return False
 
-    def _prompts(self) -> list[str]:
-        """Prompts of about prompt_tokens tokens, a different one for every run."""
+    def prompts(self, tokens: int | None = None) -> list[str]:
+        """Prompts of about `tokens` (default: prompt_tokens) tokens, a different one for every run."""
         s, tokenizer = self.settings, self.llm.tokenizer
+        tokens = tokens or s.prompt_tokens
         prompts = []
         for seed in range(s.warmup + s.repeats):
             rng = random.Random(seed)
-            text = " ".join(rng.choice(_WORDS) for _ in range(2 * s.prompt_tokens))
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"][: s.prompt_tokens]
+            text = " ".join(rng.choice(_WORDS) for _ in range(2 * tokens))
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
             prompts.append(tokenizer.decode(ids))
         return prompts
 
@@ -230,29 +265,90 @@ class LLMBench:
             return None
         if v.get("skip"):
             return self.results.add("llm", table_row("llm", status="skipped", reason=v["skip"], **base))
+        if v["fast_path"]:
+            from pipelines.fast_decode import unsupported_reason
+
+            reason = unsupported_reason(self.llm.model)
+            if reason:
+                return self.results.add("llm", table_row("llm", status="skipped", reason=f"the fast path: {reason}",
+                                                         **base))
         return or_failed(self.results, "llm", base, self._decode_row, v, base)
+
+    def _fast_decoder(self, v: dict) -> None:
+        """The fast path for the row, compiled (compile=True: each shape compiles before its first
+        step, so the warm-up holds it and `compiled` says how long) with the row's weights and
+        precision, built here as the stream's decoder_for would build it (which then keeps it)."""
+        from pipelines.fast_decode import FastDecoder
+
+        llm, precision = self.llm, v["precision"]
+        current = llm.fast_decoder
+        if (current is None or current.compile is not True or current.weights_option != v["weights"]
+                or current.precision != precision):
+            llm.fast_decoder = None  # free the old decoder's weights and compiled graphs first
+            gc.collect()
+            backends.sync_precision([llm.model], precision)  # the model as the stream will set it
+            llm.fast_decoder = FastDecoder(llm.model, precision, compile=True, weights=v["weights"])
+
+    def _compile_shapes(self, prompts: list[str], new_tokens: int) -> None:
+        """Compile every cache length the timed runs will meet (their prompts differ by a token or
+        two, and a length past a power of two is a new shape), so that none compiles while timed."""
+        from pipelines.fast_llama import cache_length
+
+        llm = self.llm
+        for length in {len(llm.tokenizer(p)["input_ids"]) for p in prompts}:
+            llm.fast_decoder.warm_up(1, cache_length(length + new_tokens, llm.context_length))
+
+    def _compile_seconds(self) -> float:
+        """Seconds the fast path spent compiling since this was last asked (0 when nothing compiled)."""
+        decoder = self.llm.fast_decoder
+        if decoder is None:
+            return 0.0
+        if decoder is not getattr(self, "_counted_decoder", None):
+            self._counted_decoder, self._counted_shapes = decoder, set()
+        fresh = {shape: s for shape, s in decoder.compiled.items() if shape not in self._counted_shapes}
+        self._counted_shapes.update(fresh)
+        return sum(fresh.values())
 
     def _decode_row(self, v: dict, base: dict) -> dict:
         s, llm = self.settings, self.llm
         # fast_path passed either way: None would turn it on wherever it helps, under a label saying "off"
         kwargs = dict(max_new_tokens=s.new_tokens, use_cache=v["cache"], top_logprobs=v["top_logprobs"],
                       speculative=v["speculative"], draft=self._draft(v["speculative"]), fast_path=v["fast_path"])
-        prompts = self._prompts()
+        prompts = self.prompts()
         # --quick warms up on two new tokens: prefill and decode have run once, which is what warm-up is for
         warm = dict(kwargs, max_new_tokens=min(2, s.new_tokens)) if s.quick else kwargs
+        notes = []
+        if v["fast_path"]:
+            self._fast_decoder(v)
+            self._compile_seconds()  # what compiled before this row is not this row's
+            llm.fast_path_error = None
         # a scope, not the shared pipeline's defaults: the variant holds for these runs only
         with backends.use(attention=v["attention"], precision=v["precision"]):
             started = perf_counter()
             for prompt in prompts[: s.warmup]:
-                self._generate(prompt, warm)
-            warmup_ms = (perf_counter() - started) * 1e3
+                self.generate(prompt, warm)
+            if v["fast_path"]:
+                self._compile_shapes(prompts[s.warmup:], s.new_tokens)
+            compile_s = self._compile_seconds() if v["fast_path"] else None
+            warmup_ms = (perf_counter() - started) * 1e3 - (compile_s or 0) * 1e3  # compiling is reported apart
             with PeakMemory(self.device) as memory:
                 runs, off = [], []
                 for prompt in prompts[s.warmup:]:
                     if v.get("paired"):
-                        off.append(self._generate(prompt, dict(kwargs, **v["paired"])))
-                    runs.append(self._generate(prompt, kwargs))
-        ceilings, dtype = self.results.ceilings, peak_key(v["precision"], self._dtype())
+                        off.append(self.generate(prompt, dict(kwargs, **v["paired"])))
+                    runs.append(self.generate(prompt, kwargs))
+        if v["fast_path"]:
+            decoder = llm.fast_decoder
+            if llm.fast_path_error:  # it fell back to the plain loop: these are not the fast path's figures
+                raise RuntimeError(f"the fast path fell back to the plain loop: {llm.fast_path_error}")
+            base["weights"] = decoder.weights or dtype_name(decoder.dtype)
+            late = self._compile_seconds()
+            if late:
+                compile_s += late
+                notes.append(f"a new shape compiled inside the timed runs ({late:.0f} s): decode figures include it")
+            if decoder.compile_error or decoder.capture_error:
+                notes.append("; ".join(e for e in (decoder.compile_error, decoder.capture_error) if e))
+        ceilings, dtype = self.results.ceilings, peak_key(base["weights"], self._dtype())
         ttft, _, _ = median_spread([r["ttft_ms"] for r in runs])
         tok_s, tok_s_min, tok_s_max = median_spread([r["decode_tok_s"] for r in runs])
         prefill_ms = statistics.median(r["prefill_ms"] for r in runs)
@@ -260,13 +356,13 @@ class LLMBench:
         prompt_len = runs[0]["prompt_len"]
         # bytes one plain decode step moves per token (weights, KV cache, logits), mid-generation
         flops_tok, bytes_tok = decoder_step_cost(llm.shape, 1, 1, prompt_len + s.new_tokens // 2)
-        bytes_tok = bytes_tok * _bytes_scale(llm, v["precision"])
+        bytes_tok = bytes_tok * _bytes_scale(llm, base["weights"])
         step_ms = 1e3 / tok_s if tok_s else None
         kv_tokens = prompt_len + s.new_tokens - 1
         plain = v["cache"] and not v["speculative"]
         row = self.results.add("llm", table_row(
-            "llm", status="ok", repeats=len(runs), warmup_ms=warmup_ms,
-            ttft_ms=ttft, ttft_ms_min=min(r["ttft_ms"] for r in runs), ttft_ms_max=max(r["ttft_ms"] for r in runs),
+            "llm", status="ok", reason="; ".join(notes) or None, repeats=len(runs), warmup_ms=warmup_ms,
+            compile_s=compile_s, ttft_ms=ttft, ttft_ms_min=min(r["ttft_ms"] for r in runs), ttft_ms_max=max(r["ttft_ms"] for r in runs),
             prefill_ms=prefill_ms, prefill_tok_s=prompt_len / prefill_ms * 1e3,
             prefill_tflop_s=prefill_flops / prefill_ms / 1e9,
             prefill_share_of_peak=prefill_flops / (prefill_ms / 1e3) / matmul_peak(ceilings, dtype),
@@ -292,7 +388,7 @@ class LLMBench:
             self._inspect_decode(row, runs, kv_tokens)
         return row
 
-    def _generate(self, prompt: str, kwargs: dict) -> dict:
+    def generate(self, prompt: str, kwargs: dict) -> dict:
         """One generation, timed on the host (time to first token, decode tokens/s) and from the
         events (device time of prefill and of each decode step)."""
         started = perf_counter()
@@ -356,6 +452,82 @@ class LLMBench:
                                    method="roofline on this device's ceilings vs 1 / decode tokens per second "
                                           "(wall clock)"))
 
+    def agreement(self):
+        """The precision-agreement table: top-1 agreement and the largest logit difference of each
+        precision against the model's own dtype, over agreement_tokens greedy positions."""
+        if self.llm is None:
+            for precision in PRECISIONS:
+                self.results.add("agreement", table_row("agreement", model=self.model_name, precision=precision,
+                                                        status="skipped", reason=f"the model did not load: {self.error}"))
+            return
+        agreement_rows(self.results, self.llm, self.model_name, self.settings.agreement_tokens)
+
+    # -----------------------------------------------------------------------------------------
+    # llama.cpp on the same GGUF file
+
+    def llamacpp_reason(self) -> str | None:
+        """Why llama.cpp cannot run next to this model here, or None."""
+        from studio.bench import llamacpp
+
+        if self.device.type != "cpu":
+            return "llama.cpp is compared on the CPU, with the lane's threads: run with --device cpu"
+        if self.shape:
+            return "random weights: there is no GGUF file for llama.cpp to load"
+        return llamacpp.gguf_path(self.name)[1] or llamacpp.unavailable()
+
+    def llamacpp_runner(self):
+        """llama.cpp on the GGUF file this model was loaded from, with as many threads as torch
+        uses and a context for the longest prompt of the run; loaded once per model."""
+        from studio.bench import llamacpp
+
+        if getattr(self, "_llamacpp", None) is None:
+            s = self.settings
+            context = 256 * -(-(2 * max(s.prompt_tokens, s.prefill_tokens) + s.new_tokens) // 256)
+            self._llamacpp = llamacpp.LlamaCpp(llamacpp.gguf_path(self.name)[0], context, torch.get_num_threads())
+            self.results.meta["llama.cpp"] = llamacpp.version()
+        return self._llamacpp
+
+    def llamacpp_row(self):
+        """llama.cpp (greedy, its own kernels and quantized weights) on the same prompts, new tokens
+        and threads, timed as the lane's and generate()'s rows are."""
+        base = dict(self._base(path="llama.cpp"), attention="llama.cpp", precision=None, weights=None)
+        if self._not_loaded("llm", base):
+            return None
+        reason = self.llamacpp_reason()
+        if reason:
+            return self.results.add("llm", table_row("llm", status="skipped", reason=reason, **base))
+        return or_failed(self.results, "llm", base, self._llamacpp_row, base)
+
+    def _llamacpp_row(self, base: dict) -> dict:
+        s = self.settings
+        started = perf_counter()
+        runner = self.llamacpp_runner()
+        base.update(precision=runner.quantization, weights=runner.quantization)
+        prompts = self.prompts()
+        for prompt in prompts[: s.warmup]:
+            runner.generate(prompt, min(2, s.new_tokens) if s.quick else s.new_tokens)
+        warmup_ms = (perf_counter() - started) * 1e3
+        with PeakMemory(self.device) as memory:
+            runs = [runner.generate(prompt, s.new_tokens) for prompt in prompts[s.warmup:]]
+        tok_s, tok_s_min, tok_s_max = median_spread([r["decode_tok_s"] for r in runs])
+        flops_tok, _ = decoder_step_cost(self.llm.shape, 1, 1, runs[0]["prompt_len"] + s.new_tokens // 2)
+        return self.results.add("llm", table_row(
+            "llm", status="ok", reason=f"{runner.threads} threads, {self.results.meta['llama.cpp']}",
+            repeats=len(runs), warmup_ms=warmup_ms,
+            ttft_ms=median_spread([r["ttft_ms"] for r in runs])[0],
+            ttft_ms_min=min(r["ttft_ms"] for r in runs), ttft_ms_max=max(r["ttft_ms"] for r in runs),
+            decode_tok_s=tok_s, decode_tok_s_min=tok_s_min, decode_tok_s_max=tok_s_max,
+            decode_gb_s=runner.weights_bytes * tok_s / 1e9 if tok_s else None,  # its quantized weights, once a token
+            decode_share_of_roofline=roofline_share(flops_tok, runner.weights_bytes, 1e3 / tok_s if tok_s else None,
+                                                    self.results.ceilings, "fp32"),
+            speedup_vs_stock=tok_s / self.stock_tok_s if self.stock_tok_s and tok_s else None,
+            run_ms=statistics.median(r["run_ms"] for r in runs), weights_bytes=runner.weights_bytes,
+            peak_mem_bytes=memory.peak, peak_growth_bytes=memory.growth, **base,
+        ))
+
+    # -----------------------------------------------------------------------------------------
+    # transformers' generate()
+
     def stock(self, static: bool) -> dict:
         """transformers' generate(), greedy, on the same model and prompts, with its own SDPA attention:
         time to first token from a streamer, decode tokens/s as (new tokens - 1) / (total - TTFT)."""
@@ -366,21 +538,15 @@ class LLMBench:
         return or_failed(self.results, "llm", base, self._stock, static, base, path)
 
     def _stock(self, static: bool, base: dict, path: str) -> dict:
-        from studio.integrations.transformers import use_studio_attention
-
         s, llm = self.settings, self.llm
-        backends.restore_precision(llm.model)
-        llm.model.set_attn_implementation("sdpa")
-        prompts = self._prompts()
-        try:
+        prompts = self.prompts()
+        with self.stock_model():
             started = perf_counter()
             for prompt in prompts[: s.warmup]:
-                self._stock_generate(prompt, static)
+                self.stock_generate(prompt, static)
             warmup_ms = (perf_counter() - started) * 1e3
             with PeakMemory(self.device) as memory:
-                runs = [self._stock_generate(prompt, static) for prompt in prompts[s.warmup:]]
-        finally:
-            use_studio_attention(llm.model)
+                runs = [self.stock_generate(prompt, static) for prompt in prompts[s.warmup:]]
         tok_s, tok_s_min, tok_s_max = median_spread([r["decode_tok_s"] for r in runs])
         if not static:
             self.stock_tok_s = tok_s
@@ -403,11 +569,25 @@ class LLMBench:
             peak_mem_bytes=memory.peak, peak_growth_bytes=memory.growth, **base,
         ))
 
-    def _stock_generate(self, prompt: str, static: bool) -> dict:
+    @contextlib.contextmanager
+    def stock_model(self):
+        """The model as transformers ships it, for generate(): its own dtype, its own SDPA attention."""
+        from studio.integrations.transformers import use_studio_attention
+
+        backends.restore_precision(self.llm.model)
+        self.llm.model.set_attn_implementation("sdpa")
+        try:
+            yield
+        finally:
+            use_studio_attention(self.llm.model)
+
+    def stock_generate(self, prompt: str, static: bool = False, new_tokens: int | None = None) -> dict:
+        """One greedy generate() of exactly new_tokens (default: the settings') tokens, timed as the
+        lane is (inside stock_model())."""
         from transformers import GenerationConfig
         from transformers.generation.streamers import BaseStreamer
 
-        llm, n = self.llm, self.settings.new_tokens
+        llm, n = self.llm, new_tokens or self.settings.new_tokens
 
         class FirstToken(BaseStreamer):
             """generate() hands the streamer the prompt, then each new token (already on the host)."""
@@ -439,74 +619,11 @@ class LLMBench:
         return {"ttft_ms": ttft * 1e3, "decode_tok_s": (new - 1) / (total - ttft) if new > 1 else None,
                 "prompt_len": encoded["input_ids"].shape[1], "run_ms": total * 1e3}
 
-    def prefill_rows(self):
-        """One forward over prefill_tokens tokens (filling a fresh KV cache), per attention kernel and
-        precision: TFLOP/s and share of the matmul peak. Device time from CUDA events."""
-        s = self.settings
-        dtype = self._dtype()
-        variants = [(k, None, r) for k, r in attention_grid(s, self.device, dtype, "prefill")]
-        variants += [("auto", p, r) for p, r in precision_grid(s, self.device, dtype) if p is not None]
-        if s.quick:  # the default kernel, and eager for its score matrix
-            variants = [(k, p, r if r or (k in QUICK_PREFILL and p is None) else
-                         f"--quick runs the prefill with {' and '.join(QUICK_PREFILL)} only; run without --quick")
-                        for k, p, r in variants]
-        for kernel, precision, reason in variants:
-            base = dict(model=self.model_name, arch=getattr(self, "arch", None), attention=kernel,
-                        precision=precision or "native", dtype=dtype_name(dtype), tokens=s.prefill_tokens)
-            if self._not_loaded("prefill", base):
-                continue
-            if reason is None and self.llm.context_length and s.prefill_tokens > self.llm.context_length:
-                reason = f"the model's context is {self.llm.context_length} tokens"
-            if reason is None and kernel == "tiled" and (s.prefill_tokens // 64) ** 2 // 2 > TILED_MAX_BLOCK_PAIRS:
-                reason = (f"the tiled kernel is a Python loop over 64x64 blocks: {(s.prefill_tokens // 64) ** 2 // 2:,} "
-                          "block pairs per layer; see the attention table for it")
-            if reason is not None:
-                self.results.add("prefill", table_row("prefill", status="skipped", reason=reason, **base))
-                continue
-            try:
-                self._prefill_row(kernel, precision, base)
-            except Exception as error:
-                self.results.add("prefill", table_row("prefill", status="failed", reason=first_line(error), **base))
 
-    def _prefill_row(self, kernel, precision, base):
-        from transformers import DynamicCache
-
-        s, llm = self.settings, self.llm
-        vocab = min(llm.shape.vocab, len(llm.tokenizer))
-        generator = torch.Generator().manual_seed(0)
-        inputs = [(torch.randint(0, vocab, (1, s.prefill_tokens), generator=generator).to(self.device),)
-                  for _ in range(ROTATIONS)]
-
-        def prefill(ids):
-            cache = DynamicCache(config=llm.model.config)
-            llm.prefill(ids, torch.ones_like(ids), cache)
-
-        if precision:
-            backends.apply_precision(llm.model, precision)
-        try:
-            with backends.use(attention=kernel):
-                started = perf_counter()
-                prefill(*inputs[0])
-                synchronize(self.device)
-                warmup_ms = (perf_counter() - started) * 1e3
-                with PeakMemory(self.device) as memory:
-                    m = measure_rotating(prefill, inputs, self.device, max(0, s.warmup - 1), s.repeats)
-        finally:
-            backends.restore_precision(llm.model)
-        flops, _ = decoder_step_cost(llm.shape, 1, s.prefill_tokens, s.prefill_tokens)
-        dtype = peak_key(precision, self._dtype())
-        self.results.add("prefill", table_row(
-            "prefill", status="ok", repeats=len(m.all_ms), warmup_ms=warmup_ms, ms=m.median_ms, ms_min=m.min_ms,
-            ms_max=m.max_ms, tok_s=s.prefill_tokens / m.median_ms * 1e3, tflop_s=flops / m.median_ms / 1e9,
-            share_of_peak=flops / (m.median_ms / 1e3) / matmul_peak(self.results.ceilings, dtype),
-            scores_bytes=llm.shape.heads * s.prefill_tokens**2 * 4 if kernel in ("eager", "sdpa-math") else 0,
-            peak_mem_bytes=memory.peak, peak_growth_bytes=memory.growth, **base,
-        ))
-
-
-def _bytes_scale(llm, precision: str | None) -> float:
-    """Weight bytes per decode step change with the precision: 1-byte int8/fp8, 2-byte bf16/fp16."""
-    if precision is None:
+def _bytes_scale(llm, weights: str | None) -> float:
+    """Weight bytes per decode step change with the format the weights are read in: 1-byte
+    int8/fp8, 2-byte bf16/fp16 (a registered precision of unknown size: as the model's dtype)."""
+    size = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "int8": 1, "fp8": 1}.get(weights)
+    if size is None:
         return 1.0
-    size = {"fp32": 4, "tf32": 4, "bf16": 2, "fp16": 2, "int8": 1, "fp8": 1}[precision]
     return size / llm.shape.dtype_bytes

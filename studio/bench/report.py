@@ -106,30 +106,49 @@ def markdown(data: dict) -> str:
     llm = tables["llm"]
     if llm:
         out += ["", "## LLM lane", "", _table(
-            ["model", "path", "attention", "precision", "cache", "fast path", "speculative", "alts", "TTFT ms",
-             "prefill tok/s", "prefill TFLOP/s", "decode tok/s", "GB/s", "% BW roofline", "× stock", "accept",
-             "KV bytes", "peak mem"],
-            [[r["model"], r["path"], r["attention"], r["precision"], r["cache"], r["fast_path"], r["speculative"],
-              r["top_logprobs"], _fmt(r["ttft_ms"]), _fmt(r["prefill_tok_s"]), _fmt(r["prefill_tflop_s"] and r["prefill_tflop_s"]),
+            ["model", "path", "attention", "precision", "weights", "cache", "fast path", "speculative", "alts",
+             "compile s", "TTFT ms", "prefill tok/s", "prefill TFLOP/s", "decode tok/s", "GB/s", "% BW roofline",
+             "× stock", "accept", "KV bytes", "peak mem"],
+            [[r["model"], r["path"], r["attention"], r["precision"], r["weights"], r["cache"], r["fast_path"],
+              r["speculative"], r["top_logprobs"], _fmt(r["compile_s"]), _fmt(r["ttft_ms"]), _fmt(r["prefill_tok_s"]), _fmt(r["prefill_tflop_s"] and r["prefill_tflop_s"]),
               _spread(r["decode_tok_s"], r["decode_tok_s_min"], r["decode_tok_s_max"]), _fmt(r["decode_gb_s"]),
               _fmt(r["decode_share_of_roofline"], "pct"), _fmt(r["speedup_vs_stock"], "x"),
               _fmt(r["acceptance_rate"], "pct"), _fmt(r["kv_bytes"], "bytes"), _fmt(r["peak_mem_bytes"], "bytes")]
              for r in llm if r["status"] == "ok"],
         )]
+        notes = [f"- {r['model']}: {r['path']} {r['weights']} {_llm_label(r)}: {r['reason']}"
+                 for r in llm if r["status"] == "ok" and r["reason"]]
+        out.append("\ncompile s: the fast path's compile time, apart from the warm-up; TTFT and decode tok/s are wall "
+                   "clock, the same way for every path." + ("\n\nNotes:\n\n" + "\n".join(notes) if notes else ""))
         out.append(_skipped(llm, lambda r: f"{r['model']}: {r['path']} attention={r['attention']} "
                             f"precision={r['precision']} cache={r['cache']} fast path={r['fast_path']} "
                             f"speculative={r['speculative']}"))
     prefill = tables["prefill"]
     if prefill:
         out += ["", "## LLM prefill", "", _table(
-            ["model", "attention", "precision", "tokens", "ms", "tok/s", "TFLOP/s", "% matmul peak", "S² scores",
-             "peak mem", "growth"],
-            [[r["model"], r["attention"], r["precision"], r["tokens"], _spread(r["ms"], r["ms_min"], r["ms_max"]),
-              _fmt(r["tok_s"]), _fmt(r["tflop_s"]), _fmt(r["share_of_peak"], "pct"), _fmt(r["scores_bytes"], "bytes"),
+            ["model", "path", "attention", "precision", "weights", "tokens", "ms", "TTFT ms", "tok/s", "TFLOP/s",
+             "% matmul peak", "× generate()", "S² scores", "peak mem", "growth"],
+            [[r["model"], r["path"], r["attention"], r["precision"], r["weights"], r["tokens"],
+              _spread(r["ms"], r["ms_min"], r["ms_max"]), _fmt(r["ttft_ms"]), _fmt(r["tok_s"]), _fmt(r["tflop_s"]),
+              _fmt(r["share_of_peak"], "pct"), _fmt(r["speedup_vs_stock"], "x"), _fmt(r["scores_bytes"], "bytes"),
               _fmt(r["peak_mem_bytes"], "bytes"), _fmt(r["peak_growth_bytes"], "bytes")]
              for r in prefill if r["status"] == "ok"],
-        )]
-        out.append(_skipped(prefill, lambda r: f"{r['model']}: attention={r['attention']} precision={r['precision']}"))
+        ), "", "prefill forward: one forward over random tokens, device time. studio stream / generate() / llama.cpp: "
+               "a prompt of that length and one new token; ms is the lane's prefill event (the others: wall clock), "
+               "TTFT the wall clock of the whole call, × generate() compares TTFT with TTFT."]
+        out.append(_skipped(prefill, lambda r: f"{r['model']}: {r['path']} attention={r['attention']} "
+                            f"precision={r['precision']}"))
+    agreement = tables.get("agreement") or []
+    if agreement:
+        out += ["", "## Precision agreement (teacher-forced, greedy)", "", _table(
+            ["model", "precision", "against", "positions", "top-1 agreement", "first disagreement",
+             "max logit difference"],
+            [[r["model"], r["precision"], r["reference"], r["positions"], _fmt(r["top1_agreement"], "pct"),
+              _fmt(r["first_disagreement"]), _fmt(r["max_logit_difference"])]
+             for r in agreement if r["status"] == "ok"],
+        ), "", "The model's own greedy continuation, fed back whole through the model in its own dtype and in the "
+               "precision: at each position, whether both pick the same next token (studio.bench.agreement)."]
+        out.append(_skipped(agreement, lambda r: f"{r['model']}: {r['precision']}"))
     diffusion = tables["diffusion"]
     if diffusion:
         out += ["", "## Diffusion lane", "", _table(
@@ -179,11 +198,23 @@ def markdown(data: dict) -> str:
     if goals:
         out += ["", "## Goals", "", _table(
             ["goal", "measured", "met", "distance (measured / target)", "notes"],
-            [[g["goal"], _goal_fmt(g), {True: "yes", False: "no", None: "–"}[g["met"]] if g["measured"] is None or
-              data["meta"]["device"].startswith("cuda") else "– (GPU goal)",
+            [[g["goal"], _goal_fmt(g), _met(g, data["meta"]["device"]),
               _fmt(g["distance"], "x") if g["distance"] is not None else "–", g["detail"] or ""] for g in goals],
         )]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _llm_label(r: dict) -> str:
+    return (f"cache={r['cache']} fast path={r['fast_path']} speculative={r['speculative']} "
+            f"top_logprobs={r['top_logprobs']}")
+
+
+def _met(goal: dict, device: str) -> str:
+    """yes / no where the run was on the goal's device; the GPU goals measured on a CPU say so."""
+    own = goal.get("goal_device", "cuda")
+    if goal["measured"] is not None and not device.startswith(own):
+        return "– (GPU goal)" if own == "cuda" else "– (CPU goal)"
+    return {True: "yes", False: "no", None: "–"}[goal["met"]]
 
 
 def _goal_fmt(goal: dict) -> str:
@@ -257,8 +288,11 @@ def plot(data: dict, out: Path) -> dict[str, Path]:
 
     bars("llm", tables["llm"],
          lambda r: f"{r['model'][:24]} {r['path'] if r['path'] != 'studio' else ''} {r['attention'] or ''} "
-                   f"{r['precision']} cache {r['cache']} {r['speculative'] if r['speculative'] != 'none' else ''}",
-         "decode_tok_s", "decode tokens/s (wall clock; orange: transformers generate)", "LLM lane: decode")
+                   f"{r.get('weights') or r['precision']} cache {r['cache']}"
+                   f"{' fast path' if r['fast_path'] == 'on' and r['path'] == 'studio' else ''}"
+                   f"{' top-' + str(r['top_logprobs']) if r['top_logprobs'] else ''}"
+                   f" {r['speculative'] if r['speculative'] != 'none' else ''}",
+         "decode_tok_s", "decode tokens/s (wall clock; orange: transformers generate(), llama.cpp)", "LLM lane: decode")
     bars("diffusion", tables["diffusion"],
          lambda r: f"{r['model'][:24]} {r['path'] if r['path'] != 'studio' else ''} {r['attention'] or ''} "
                    f"{r['precision']} CFG {r['cfg']}",

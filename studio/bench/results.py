@@ -32,8 +32,8 @@ QUICK_ATTENTION = ("auto", "eager", "tiled")  # the kernels --quick runs in the 
 # every table's columns, in the order the CSV files and the markdown show them
 COLUMNS = {
     "llm": [
-        "model", "arch", "path", "attention", "precision", "dtype", "cache", "fast_path", "speculative",
-        "top_logprobs", "status", "reason", "prompt_tokens", "new_tokens", "repeats", "warmup_ms",
+        "model", "arch", "path", "attention", "precision", "dtype", "weights", "cache", "fast_path", "speculative",
+        "top_logprobs", "status", "reason", "prompt_tokens", "new_tokens", "repeats", "warmup_ms", "compile_s",
         "ttft_ms", "ttft_ms_min", "ttft_ms_max", "prefill_ms", "prefill_tok_s", "prefill_tflop_s",
         "prefill_share_of_peak", "decode_tok_s", "decode_tok_s_min", "decode_tok_s_max", "decode_step_ms",
         "decode_gb_s", "decode_share_of_roofline", "speedup_vs_stock", "acceptance_rate", "run_ms", "paired_overhead",
@@ -41,9 +41,14 @@ COLUMNS = {
         "peak_growth_bytes",
     ],
     "prefill": [
-        "model", "arch", "attention", "precision", "dtype", "tokens", "status", "reason", "repeats", "warmup_ms",
-        "ms", "ms_min", "ms_max", "tok_s", "tflop_s", "share_of_peak", "scores_bytes", "peak_mem_bytes",
-        "peak_growth_bytes",
+        "model", "arch", "path", "attention", "precision", "dtype", "weights", "tokens", "status", "reason", "repeats",
+        "warmup_ms", "ms", "ms_min", "ms_max", "ttft_ms", "tok_s", "tflop_s", "share_of_peak", "speedup_vs_stock",
+        "scores_bytes", "peak_mem_bytes", "peak_growth_bytes",
+    ],
+    # how far a matmul precision moves the model's greedy choice (studio.bench.agreement)
+    "agreement": [
+        "model", "precision", "reference", "status", "reason", "positions", "top1_agreement", "first_disagreement",
+        "max_logit_difference", "ms",
     ],
     "diffusion": [
         "model", "arch", "path", "attention", "precision", "dtype", "cfg", "preview", "status", "reason", "image",
@@ -81,6 +86,7 @@ class Settings:
     prompt_tokens: int = 128
     new_tokens: int = 128
     prefill_tokens: int = 2048
+    agreement_tokens: int = 256  # greedy positions the precision-agreement table compares
     steps: int = 10
     image_repeats: int = 3
     image_size: int | None = None  # default: each diffusion model's own
@@ -97,10 +103,12 @@ class Settings:
         settings = cls(device=device, quick=quick)
         if not device.startswith("cuda"):
             settings.attention_seq = 1024  # the eager kernel's score matrix still shows: 16 x 1024^2 floats
+            settings.prefill_tokens = 512  # the CPU goal's prompt (issue 13)
         if quick:
             settings.repeats, settings.warmup = 2, 1
             settings.prompt_tokens, settings.new_tokens, settings.prefill_tokens = 16, 8, 64
             settings.steps, settings.image_repeats, settings.attention_repeats = 3, 2, 2
+            settings.agreement_tokens = 32
         for name, value in overrides.items():
             if value is not None:
                 setattr(settings, name, value)
