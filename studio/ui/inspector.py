@@ -138,7 +138,7 @@ def benchmarks_tab(models, default_device: str):
             raise gr.Error("choose at least one lane")
         settings = Settings.for_device(
             dev, quick=True, lanes=tuple(chosen), llm_models=models.llm_names[:1],
-            diffusion_models=models.diffusion_names[:1], threads=1 if dev == "cpu" else None,
+            diffusion_models=models.diffusion_names[:1],  # threads: torch's default, every core
         )
         out = Path(tempfile.mkdtemp(prefix="studio-bench-"))
         paths = write_results(run_suite(settings, progress=True), out)
