@@ -6,7 +6,8 @@
     img("red apple", adapter=name, adapter_scale=0.8)
 
 A LoRA adapter changes a layer y = W x into y = W x + scale · B (A x), with A [rank, in] and
-B [out, rank] learned and scale = lora_alpha / rank: a rank-r correction to W that costs
+B [out, rank] learned (for a convolution, A a convolution like the layer's and B a 1x1 one) and
+scale = lora_alpha / rank: a rank-r correction to W that costs
 r · (in + out) numbers instead of in · out. Here the correction runs *unmerged*: a forward hook on
 each target layer adds scale · B (A x) to its output while a call that asked for the adapter runs,
 so adapters switch per call, the base weights are never touched, and precision wrappers
@@ -199,16 +200,20 @@ def _checked(adapter: Adapter, components: dict[str, nn.Module]) -> Adapter:
             raise LoadError(f"adapter {adapter.name!r} targets {layer.component}.{layer.module}, which this model does "
                             f"not have: it was trained for another architecture") from None
         weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise LoadError(f"adapter {adapter.name!r} targets {layer.module}, which is not a linear layer; the studio "
-                            "runs LoRA on linear layers only")
-        # GPT-2's Conv1D stores its weight transposed, [in, out]; nn.Linear's is [out, in]
-        in_features, out_features = weight.shape if type(module).__name__ == "Conv1D" else weight.shape[::-1]
+        if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 4):
+            raise LoadError(f"adapter {adapter.name!r} targets {layer.module}, which is neither a linear nor a 2-D "
+                            "convolution layer; the studio runs LoRA on those two only")
         rank = layer.down.shape[0]
-        if layer.down.shape != (rank, in_features) or layer.up.shape != (out_features, rank):
+        if weight.dim() == 4:  # a convolution: A is a convolution of the layer's kernel, B a 1x1 one
+            out_features, in_features, *kernel = weight.shape
+            expected_down, expected_up = (rank, in_features, *kernel), (out_features, rank, 1, 1)
+        else:  # GPT-2's Conv1D stores its weight transposed, [in, out]; nn.Linear's is [out, in]
+            in_features, out_features = weight.shape if type(module).__name__ == "Conv1D" else weight.shape[::-1]
+            expected_down, expected_up = (rank, in_features), (out_features, rank)
+        if layer.down.shape != expected_down or layer.up.shape != expected_up:
             raise LoadError(
                 f"adapter {adapter.name!r} does not fit {layer.module}: its matrices are {tuple(layer.down.shape)} and "
-                f"{tuple(layer.up.shape)}, the layer needs ({rank}, {in_features}) and ({out_features}, {rank}): "
+                f"{tuple(layer.up.shape)}, the layer needs {expected_down} and {expected_up}: "
                 "a base model of another size, or a damaged adapter"
             )
     return adapter
@@ -231,7 +236,8 @@ def attached(components: dict[str, nn.Module], adapter: Adapter | None, scale: f
             module = components[layer.component].get_submodule(layer.module)
             device, dtype = module.weight.device, module.weight.dtype
             down, up = layer.down.to(device, dtype), layer.up.to(device, dtype)
-            handles.append(module.register_forward_hook(_lora_hook(down, up, layer.scale * scale)))
+            hook = _conv_lora_hook if isinstance(module, nn.Conv2d) else _lora_hook
+            handles.append(module.register_forward_hook(hook(down, up, layer.scale * scale)))
         yield
     finally:
         for handle in handles:
@@ -242,6 +248,15 @@ def _lora_hook(down: torch.Tensor, up: torch.Tensor, scale: float):
     def add_low_rank(module, inputs, output):
         x = inputs[0]
         return output + scale * F.linear(F.linear(x.to(down.dtype), down), up).to(output.dtype)
+
+    return add_low_rank
+
+
+def _conv_lora_hook(down: torch.Tensor, up: torch.Tensor, scale: float):
+    def add_low_rank(module, inputs, output):
+        x = inputs[0].to(down.dtype)
+        low = F.conv2d(x, down, stride=module.stride, padding=module.padding, dilation=module.dilation)
+        return output + scale * F.conv2d(low, up).to(output.dtype)
 
     return add_low_rank
 
@@ -257,7 +272,9 @@ def merged(components: dict[str, nn.Module], adapter: Adapter, scale: float = 1.
             for layer in adapter.layers:
                 weight = components[layer.component].get_submodule(layer.module).weight
                 kept.append((weight, weight.detach().clone()))
-                delta = (layer.up.to(torch.float32) @ layer.down.to(torch.float32)) * (layer.scale * scale)
+                up, down = layer.up.to(torch.float32), layer.down.to(torch.float32)
+                # a convolution's B is 1x1: merging multiplies its [out, rank] matrix into A's kernels
+                delta = (up.flatten(1) @ down.flatten(1)).view(weight.shape) * (layer.scale * scale)
                 weight.add_(delta.to(weight.device, weight.dtype))
         yield
     finally:

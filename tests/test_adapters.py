@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from tiny_models import generate_image, stock_sd, studio_pipeline, tiny_llm, tiny_sd_components
 
+from pipelines.adapters import merged
 from pipelines.text_generation import TextGenerationPipeline
 from studio.loading import LoadError
 
@@ -133,8 +134,8 @@ def lora_folder(tmp_path_factory):
 
     torch.manual_seed(2)
     pipe = stock_sd(tiny_sd_components())
-    unet_config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                             init_lora_weights=False)
+    unet_config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
+                             init_lora_weights=False)  # convolutions too, as a style adapter needs
     text_config = LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     pipe.unet.add_adapter(unet_config)
     inject_adapter_in_model(text_config, pipe.text_encoder)  # peft's own (transformers' add_adapter wants a newer peft)
@@ -181,3 +182,14 @@ def test_a_peft_llm_adapter_is_refused_by_the_diffusion_lane(peft_folder):
         pipe.load_adapter(str(peft_folder))
     config = json.loads((peft_folder / "adapter_config.json").read_text())
     assert config["r"] == 4
+
+
+def test_merged_weights_give_the_unmerged_image_and_are_restored_exactly(lora_folder):
+    pipe = studio_pipeline(tiny_sd_components())
+    name = pipe.load_adapter(str(lora_folder), name="style")
+    unmerged = generate_image(pipe, adapter=name)
+    before = {k: v.clone() for k, v in pipe.denoiser.state_dict().items()}
+    with merged(pipe.adapter_components(), pipe.adapters[name]):
+        folded = generate_image(pipe)
+    np.testing.assert_allclose(folded.pixels, unmerged.pixels, atol=1e-4)
+    assert all(torch.equal(before[k], v) for k, v in pipe.denoiser.state_dict().items())
