@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from studio import assets
-from studio.train import CLDR_ANNOTATIONS, DOCS, record_in_manifest
+from studio import train as base_training
+from studio.train import CLDR_ANNOTATIONS, DEFAULT_GUIDANCE, DOCS, SYMBOLA_FONT, record_in_manifest
 
 GENERAL_TEXT = Path("/usr/share/common-licenses/GPL-3")
 STEPS = {"emoji-describer": 300, "symbola-outline": 1500}
@@ -174,12 +175,121 @@ def evaluate_emoji_describer(folder: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# symbola-outline (the diffusion lane)
+
+
+def symbola_dataset() -> tuple[torch.Tensor, torch.Tensor, list[str], list[list[str]]]:
+    """The emoji-sd training emoji that Symbola draws too: their Symbola renders, their Noto
+    renders, names and keywords (the same captions the base model learned)."""
+    images, names, keywords = base_training.emoji_dataset()
+    outline, outline_names = base_training.emoji_glyphs(SYMBOLA_FONT, codepoints=base_training.emoji_subset())
+    keep = [names.index(name) for name in outline_names]
+    return outline, images[keep], outline_names, [keywords[i] for i in keep]
+
+
+def train_symbola_outline(out: Path, steps: int, seed: int = 0) -> dict:
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    pipe = StableDiffusionPipeline.from_pretrained(assets.resolve(BASES["symbola-outline"]), safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    outline, _, names, keywords = symbola_dataset()
+    latents = base_training.latent_means(pipe.vae, outline) * pipe.vae.config.scaling_factor
+    unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder.eval(), pipe.tokenizer
+    # A style lives in the convolutions as much as in the attention: LoRA on both, rank 8.
+    config = LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
+                        target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"])
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet.add_adapter(config)
+    unet.train()
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-3)
+    scheduler = pipe.scheduler
+    curve, started = [], time.perf_counter()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-3 * min(1.0, (step + 1) / 100)
+        index = torch.randint(len(latents), (32,), generator=generator)
+        # the base model's captions: the name half the time, else one to three keywords
+        captions = [names[i] if torch.rand(1, generator=generator).item() < 0.5 else
+                    ", ".join(keywords[i][j] for j in torch.randperm(len(keywords[i]), generator=generator)[:2].tolist())
+                    for i in index.tolist()]
+        ids = tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                        return_tensors="pt").input_ids
+        noisy, noise, timesteps, weights = base_training.noised(latents[index], scheduler, generator, "cpu")
+        with torch.no_grad():
+            context = text_encoder(ids)[0]
+        loss = base_training.weighted_mse(unet(noisy, timesteps, context).sample, noise, weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        curve.append(loss.item())
+        if step % 100 == 0 or step == steps - 1:
+            print(f"symbola-outline step {step + 1}/{steps}  loss {sum(curve[-100:]) / len(curve[-100:]):.4f}  "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
+    unet.eval()
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(unet),
+                                              unet_lora_adapter_metadata=config.to_dict())
+    parameters = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
+    record_in_manifest(
+        "symbola-outline", out, kind="diffusion-adapter", base=BASES["symbola-outline"], parameters=parameters,
+        architecture="LoRA rank 8 on emoji-sd's UNet: the attention projections, every ResNet convolution and "
+                     "time-embedding projection",
+        training_data=f"{len(names)} of emoji-sd's training emoji rendered in the Symbola font (black outlines) "
+                      "at 64x64, with emoji-sd's captions",
+        training_data_license="Symbola font: free for any use (Debian package fonts-symbola); CLDR annotations: "
+                              "Unicode License v3",
+        source=f"trained by `studio train symbola-outline` ({steps} steps, batch 32, seed {seed})",
+        format="diffusers-lora", example_prompt="red apple",
+    )
+    return {"loss": curve, "seconds": time.perf_counter() - started}
+
+
+@torch.no_grad()
+def evaluate_symbola_outline(folder: Path, prompts: int = 100, steps: int = 20, seed: int = 0) -> dict:
+    """For a fixed sample of the emoji Symbola draws, prompted by name with and without the
+    adapter: is the generated image nearer (Euclidean, 64x64 RGB) to the emoji's Symbola render
+    than to its Noto render?"""
+    from pipelines.latent_diffusion import LatentDiffusionPipeline
+
+    outline, colour, names, _ = symbola_dataset()
+    pipe = LatentDiffusionPipeline.from_pretrained(BASES["symbola-outline"], device="cpu")
+    name = pipe.load_adapter(str(folder), name="symbola-outline")
+    chosen = torch.randperm(len(names), generator=torch.Generator().manual_seed(1234))[:prompts].tolist()
+    results = {"prompts": [names[i] for i in chosen], "steps": steps, "guidance": DEFAULT_GUIDANCE}
+    grid = []
+    for label, adapter in (("without adapter", None), ("with adapter", name)):
+        images = torch.stack([
+            torch.from_numpy(pipe(names[i], steps=steps, guidance_scale=DEFAULT_GUIDANCE, seed=seed + i,
+                                  adapter=adapter).pixels).permute(2, 0, 1) * 2 - 1
+            for i in chosen
+        ])
+        to_outline = (images - outline[chosen]).flatten(1).norm(dim=1)
+        to_colour = (images - colour[chosen]).flatten(1).norm(dim=1)
+        prefers = (to_outline < to_colour).float().mean().item()
+        results[label] = {"prefers_symbola_style": prefers}
+        print(f"symbola-outline {label}: nearer the Symbola render for {prefers:.0%} of {len(chosen)} prompts",
+              flush=True)
+        grid.append(images[:10])
+    base_training.save_grid(torch.cat([colour[chosen[:10]], grid[0], outline[chosen[:10]], grid[1]]), 10,
+                            DOCS / "symbola-outline-samples.png", scale=2)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
 # The `studio train` and `studio evaluate` commands for adapters
 
 
 def train(name: str, out: Path | None = None, steps: int | None = None) -> None:
     out = out or assets.MANIFEST.parent / name
-    trainer = {"emoji-describer": train_emoji_describer}[name]
+    trainer = {"emoji-describer": train_emoji_describer, "symbola-outline": train_symbola_outline}[name]
     curves = trainer(out, steps or STEPS[name])
     DOCS.mkdir(parents=True, exist_ok=True)
     (DOCS / f"{name}-training.json").write_text(json.dumps(curves))
@@ -187,6 +297,6 @@ def train(name: str, out: Path | None = None, steps: int | None = None) -> None:
 
 def evaluate(name: str, folder: Path | None = None) -> None:
     folder = folder or Path(assets.resolve(name))
-    results = {"emoji-describer": evaluate_emoji_describer}[name](folder)
+    results = {"emoji-describer": evaluate_emoji_describer, "symbola-outline": evaluate_symbola_outline}[name](folder)
     DOCS.mkdir(parents=True, exist_ok=True)
     (DOCS / f"{name}-metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
