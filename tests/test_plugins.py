@@ -16,7 +16,7 @@ from tiny_models import generate_image, studio_pipeline, tiny_llm, tiny_sd_compo
 from torch import nn
 
 from studio import backends
-from studio.backends import BackendError, adapters, checks, plugins
+from studio.backends import BackendError, checks, libraries, plugins
 from studio.backends.registry import SOURCES
 from studio.cli import main
 from studio.profiling import ceilings_for
@@ -480,7 +480,7 @@ def test_the_apps_backends_tab_and_menus_show_the_plugins():
 
 
 # ---------------------------------------------------------------------------------------------
-# The adapters for optional libraries
+# The optional kernel libraries
 
 
 @pytest.mark.skipif(importlib.util.find_spec("sageattention") is not None, reason="SageAttention is installed")
@@ -494,7 +494,7 @@ def test_sage_attention_absent_says_so():
 def test_hub_kernels_absent_says_so():
     reason = plugins.registered("hub-flash-attn").requirement(torch.device("cuda"), torch.float16)  # asked on a GPU
     assert reason.startswith("the Hugging Face kernels package is not installed (pip install kernels)")
-    name = adapters.register_hub_attention("kernels-community/flash-attn3")  # a hub kernel by id
+    name = libraries.register_hub_attention("kernels-community/flash-attn3")  # a hub kernel by id
     try:
         assert name == "hub-flash-attn3"
         assert "declared for cuda only" in backends.attention_info(name, CPU, torch.bfloat16).reason

@@ -12,8 +12,8 @@ registered by plugins.
 The modules, in the order they depend on each other: registry (what a backend is; the scoped
 choice), checks (the float64 battery every backend must pass), attention and precision (the
 built-ins and the tables of registered ones), plugins (registering, checking, discovering),
-adapters (optional libraries as plugins), choice (`use`, `resolve`). Importing this package
-registers the adapters, then loads the installed plugins (entry-point group
+libraries (optional kernel libraries as plugins), choice (`use`, `resolve`). Importing this
+package registers the libraries' kernels, then loads the installed plugins (entry-point group
 `generation_studio.backends`); a plugin that fails is listed by `installed_plugins()` with its error.
 """
 
@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import register_adapters
 from .attention import ATTENTION_BACKENDS, attention, attention_info, attention_names, choose_attention
 from .choice import resolve, sync_precision, use
+from .libraries import register_libraries
 from .plugins import GROUP, installed_plugins, load_entry_points, register_attention, register_precision, unregister
 from .precision import (
     PRECISIONS,
@@ -83,5 +83,5 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-register_adapters()
+register_libraries()
 load_entry_points()

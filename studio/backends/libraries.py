@@ -1,4 +1,4 @@
-"""Adapters for optional kernel libraries: registered as plugins, like anyone's, and checked alike.
+"""Optional kernel libraries, registered as plugins like anyone's and checked alike.
 
     sage            SageAttention (pip install sageattention): Q·Kᵀ in INT8, P·V in FP16/FP8, CUDA
     hub-flash-attn  FlashAttention from the Hugging Face kernels hub, by id (pip install kernels;
@@ -8,7 +8,7 @@ Both are registered at import of studio.backends whether or not their library is
 the library is looked for only when a backend is asked about a CUDA device, and its absence is
 the reason `available()` gives. Another hub kernel with FlashAttention's interface:
 
-    adapters.register_hub_attention("kernels-community/flash-attn3", name="hub-flash-attn3")
+    libraries.register_hub_attention("kernels-community/flash-attn3", name="hub-flash-attn3")
 
 Depends on torch and plugins (sageattention and kernels optionally, imported when first asked);
 never on a pipeline, the UI or a model library.
@@ -89,7 +89,7 @@ def register_hub_attention(repo_id: str, name: str | None = None, *, auto: bool 
     return name
 
 
-def register_adapters() -> None:
+def register_libraries() -> None:
     register_attention(
         "sage", sage_attention,
         description="SageAttention: Q·Kᵀ in INT8 with smoothed K, P·V in FP16 (FP8 on Ada and Hopper)",
