@@ -240,7 +240,14 @@ def cmd_serve(args) -> int:
     from studio.server import DEFAULT_MODEL, create_api, loader
 
     # the API's models load on their first request, so the server is up at once
-    app = create_api({name: loader(name) for name in args.model or [DEFAULT_MODEL]})
+    models = args.model or [DEFAULT_MODEL]
+    adapters = {}
+    for spec in args.adapter or []:
+        name, _, path = spec.partition("=")
+        if not name or not path:
+            raise ValueError(f"--adapter takes name=path (a LoRA folder or a shipped adapter's name); got {spec!r}")
+        adapters[name] = (models[0], path)
+    app = create_api({name: loader(name) for name in models}, adapters)
     if not args.api_only:
         import gradio as gr
 
@@ -363,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, help="default: 7860, or 8000 with --api-only")
     p.add_argument("--api", action="store_true", help="also serve /v1/completions, /v1/chat/completions and /v1/models")
     p.add_argument("--api-only", action="store_true", help="serve the API without the app")
+    p.add_argument("--adapter", action="append", metavar="NAME=PATH",
+                   help="serve a LoRA adapter of the first --model as a model named NAME (repeatable), as vLLM's "
+                        "--lora-modules do; PATH: a peft folder or a shipped adapter's name")
     p.add_argument("--model", action="append", help="a model the API serves, by the name it is loaded with "
                    "(repeatable; default: smollm2-135m)")
     p.set_defaults(run=cmd_serve)

@@ -6,7 +6,7 @@ another studio's remote lane (pipelines/remote.py) can use a model this machine 
 
     POST /v1/completions        prompt (a string or a list of strings) -> text
     POST /v1/chat/completions   messages -> the assistant's reply, through the model's chat template
-    GET  /v1/models             the names served
+    GET  /v1/models             the names served (a LoRA adapter is a model of its own, vLLM-style)
 
 The JSON is OpenAI's, with vLLM's shape for a completion's log-probabilities (`tokens`,
 `token_logprobs`, `top_logprobs`, `text_offset`) and vLLM's extra sampling fields (`top_k`,
@@ -28,7 +28,8 @@ works, and a client that reads slowly holds only its own buffer, never the model
 leaves stops its generation (after the current step), whether it was reading a stream, waiting for
 a whole answer or still queued for the model; a queued one never starts.
 
-Depends on FastAPI (with starlette and pydantic) and the studio core. Like the CLI it sits above
+Requests are read by studio/api_requests.py. Depends on FastAPI (with starlette) and the studio
+core. Like the CLI it sits above
 the lanes: it imports the LLM lane only to load a model by name. Never imports Gradio.
 """
 
@@ -44,232 +45,21 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from studio.text import lone_surrogate
+from studio.api_requests import APIError, ChatMessage, ChatRequest, CompletionRequest, SamplingRequest, parse_request
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
-MAX_LOGPROBS = 20  # OpenAI's limit for chat, vLLM's default max_logprobs
 # A probability that underflowed to 0 has no finite log and JSON has no -inf: report vLLM's floor.
 LOGPROB_FLOOR = -9999.0
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # the lane's -> OpenAI's
-
-# OpenAI parameters the lane cannot honour: accepted only at their neutral value.
-NEUTRAL_VALUES = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "logit_bias": None,
-                  "presence_penalty": 0.0, "frequency_penalty": 0.0}
-
-
-# ---------------------------------------------------------------------------------------------
-# Requests
-# ---------------------------------------------------------------------------------------------
-
-StopString = Annotated[str, Field(min_length=1)]
-
-
-class _Strict(BaseModel):
-    # An unknown field is a parameter we would ignore: refuse it. Strict types: "8", true or 2.0 is
-    # not a token count, "yes" not a boolean. Infinite numbers (1e999) are no setting either.
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-
-class StreamOptions(_Strict):
-    include_usage: bool = False
-
-
-class _GenerationRequest(_Strict):
-    """The fields both endpoints share."""
-
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's default: sampling, not greedy
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: StopString | list[StopString] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    n: int = 1
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-
-    def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-
-
-class CompletionRequest(_GenerationRequest):
-    prompt: str | Annotated[list[str], Field(min_length=1)]
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # how many alternatives per token
-    echo: bool = False
-    best_of: int = 1
-    suffix: str | None = None
-
-
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
-
-    def as_template_input(self) -> dict:
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        # chat templates know "system"; "developer" is OpenAI's newer name for it
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
-
-
-class ChatRequest(_GenerationRequest):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
-
-
-class APIError(Exception):
-    """An error the client gets as OpenAI's error object, with its HTTP status."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-
-
-MAX_JSON_DEPTH = 32  # no request nests deeper than 6 levels; far deeper is an attack or a mistake
-TOO_DEEP = f"the request body nests deeper than {MAX_JSON_DEPTH} levels"
-
-# A field that takes one of several types: pydantic reports each alternative's failure, so the
-# answer says what the field takes instead.
-UNION_FIELDS = {
-    "prompt": "a string or a non-empty list of strings (token-id prompts are not supported)",
-    "stop": "a non-empty string or a list of non-empty strings",
-    "content": 'a string or a list of text parts ({"type": "text", "text": ...}); only text is supported',
-}
-
-
-class _InvalidJSON(ValueError):
-    pass
-
-
-def _refuse_constant(name: str):
-    raise _InvalidJSON(f"{name} is not a JSON number")
-
-
-def _parse_int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:  # Python's guard against slow conversions: over 4,300 digits
-        raise _InvalidJSON(f"a number has {len(text.lstrip('-'))} digits, too many to read") from None
-
-
-def load_json(raw: bytes) -> object:
-    """The request body as JSON, or a 400 that says why not. Python's reader takes more than JSON
-    allows: NaN and Infinity are refused here, and so are integers too long to convert and nesting
-    deeper than MAX_JSON_DEPTH (either would otherwise fail deep inside the server as a 500)."""
-    try:
-        data = json.loads(raw, parse_constant=_refuse_constant, parse_int=_parse_int)
-    except (json.JSONDecodeError, UnicodeDecodeError, _InvalidJSON) as error:
-        raise APIError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
-    except RecursionError:  # Python's reader gives up near 1,000 levels
-        raise APIError(400, TOO_DEEP, code="invalid_json") from None
-    _check_values(data)
-    return data
-
-
-def _check_values(data) -> None:
-    """Refuse nesting deeper than MAX_JSON_DEPTH, and strings that are not Unicode text: JSON's
-    escape "\\ud800" reads as a lone surrogate, half of a character, which no tokenizer can take
-    and no answer can be encoded with. A loop, not recursion: the depth is the attacker's to choose."""
-    stack = [(data, [])]
-    while stack:
-        value, where = stack.pop()
-        if len(where) > MAX_JSON_DEPTH:
-            raise APIError(400, TOO_DEEP, code="invalid_json")
-        if isinstance(value, str):
-            _check_string(value, where)
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                _check_string(key, where, key=True)
-                stack.append((item, [*where, key]))
-        elif isinstance(value, list):
-            stack.extend((item, [*where, i]) for i, item in enumerate(value))
-
-
-def _check_string(text: str, where: list, key: bool = False) -> None:
-    bad = lone_surrogate(text)
-    if bad is not None:
-        what = "a field name" if key else "the text"
-        at = f"{_path(where)}: " if where else ""
-        raise APIError(
-            400, f"{at}{what} holds a lone surrogate (U+{ord(text[bad]):04X} at character {bad}), "
-            "half of a character, which is not valid Unicode; send characters beyond U+FFFF as a surrogate pair "
-            "or as UTF-8", param=str(where[0]) if where else None, code="invalid_unicode",
-        )
-
-
-def _path(loc) -> str:
-    """A place in the request as a client writes it: messages[0].content."""
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        else:
-            path += f".{part}" if path else str(part)
-    return path
-
-
-def parse_request(model: type[BaseModel], raw: bytes) -> BaseModel:
-    """The JSON body as `model`, whatever the Content-Type says (curl -d sends a form type)."""
-    data = load_json(raw)
-    try:
-        request = model.model_validate(data)
-    except ValidationError as error:
-        raise _validation_error(error) from None
-    for param, neutral in NEUTRAL_VALUES.items():
-        value = getattr(request, param, neutral)
-        if value != neutral and value != {}:
-            raise APIError(400, f"unsupported parameter: {param}={value!r}; this server supports only {neutral!r}",
-                           param=param, code="unsupported_parameter")
-    if request.stream_options is not None and not request.stream:
-        raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
-    return request
-
-
-def _validation_error(error: ValidationError) -> APIError:
-    """pydantic's first complaint as OpenAI's error: param is the request's field, as OpenAI names
-    it; the message says where inside it (messages[0].role)."""
-    first = error.errors()[0]
-    loc = list(first["loc"])
-    param = str(loc[0]) if loc else None
-    # pydantic names the alternative of a union it tried (prompt.str, prompt.list[str]): cut there
-    union = next((i for i, part in enumerate(loc)
-                  if isinstance(part, str) and (part == "str" or not part.isidentifier())), None)
-    if union is not None:
-        field = loc[union - 1]
-        return APIError(400, f"{_path(loc[:union])}: expected {UNION_FIELDS.get(field, 'another type')}", param=param)
-    if first["type"] == "extra_forbidden":
-        return APIError(400, f"unsupported parameter: {_path(loc)!r} is not supported by this server",
-                        param=_path(loc), code="unsupported_parameter")
-    if not loc:  # the body itself: a list, a number...
-        return APIError(400, "the request body must be a JSON object")
-    return APIError(400, f"{_path(loc)}: {first['msg']}", param=param)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,23 +80,39 @@ def loader(name_or_path: str, **options) -> Callable[[], object]:
 
 
 class _ServedModel:
-    """One served model: its pipeline, or the loader that makes it on first use, and its lock."""
+    """One served model: its pipeline, or the loader that makes it on first use, and its lock.
+    A LoRA adapter is served as a model of its own over its base's pipeline (as vLLM's
+    --lora-modules are): it shares the base's lock and loads its adapter on first use."""
 
-    def __init__(self, name: str, source):
+    def __init__(self, name: str, source, base: _ServedModel | None = None):
         self.name = name
         self.created = int(time.time())
+        self.base = base
+        self.adapter = name if base is not None else None  # the name stream(adapter=) is given
         is_pipeline = hasattr(source, "stream")
         self._pipeline = None
-        self._load = None if is_pipeline else source
+        self._load = None if is_pipeline else source  # for an adapter: its folder or shipped name
         self.tokenizer = None  # the answers' own copy of the lane's tokenizer, once loaded
         if is_pipeline:
             self._take(source)
         self._loading = asyncio.Lock()
-        # One generation at a time: a pipeline call switches the model's attention backend and
-        # precision for its duration, so two calls at once could run under each other's settings.
-        self.busy = asyncio.Lock()
+        # One generation at a time: a pipeline call switches the model's attention backend,
+        # precision and adapter for its duration, so two calls at once could run under each
+        # other's settings. An adapter and its base are one model.
+        self.busy = base.busy if base is not None else asyncio.Lock()
 
     async def pipeline(self):
+        if self.base is not None:
+            pipeline = await self.base.pipeline()
+            async with self._loading:
+                if self.adapter not in pipeline.adapters:
+                    try:
+                        await run_in_threadpool(pipeline.load_adapter, self._load, self.adapter)
+                    except Exception as error:
+                        raise APIError(500, f"the adapter {self.name!r} could not be loaded: {error}",
+                                       code="model_load_failed")
+                self.tokenizer = self.base.tokenizer
+            return pipeline
         async with self._loading:
             if self._pipeline is None:
                 try:
@@ -340,7 +146,7 @@ class _Generation:
             async with model.busy:
                 if self.stop.is_set():  # the client left while waiting for the model
                     return
-                events = pipeline.stream(prompt, stop_event=self.stop, **options)
+                events = pipeline.stream(prompt, stop_event=self.stop, adapter=model.adapter, **options)
                 try:
                     async for event in iterate_in_threadpool(events):
                         self.queue.put_nowait(event)
@@ -382,7 +188,7 @@ class _Generation:
             yield event
 
 
-def sampling_options(request: _GenerationRequest, max_tokens: int, top_logprobs: int) -> dict:
+def sampling_options(request: SamplingRequest, max_tokens: int, top_logprobs: int) -> dict:
     """The pipeline's stream() arguments for a request."""
     return dict(
         max_new_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
@@ -478,13 +284,20 @@ async def _event_stream(generation: _Generation, chunks, head: dict):
 # ---------------------------------------------------------------------------------------------
 
 
-def create_api(models: Mapping[str, object] | None = None) -> FastAPI:
+def create_api(models: Mapping[str, object] | None = None,
+               adapters: Mapping[str, tuple[str, str]] | None = None) -> FastAPI:
     """The API as a FastAPI app. models: name -> a TextGenerationPipeline, or a function of no
     arguments that returns one (called by the first request that names it; see `loader`).
-    Default: the shipped smollm2-135m, loaded on first use."""
+    Default: the shipped smollm2-135m, loaded on first use. adapters: name -> (the served model
+    it adapts, its LoRA folder or shipped name): each is served as a model of its own."""
     if models is None:
         models = {DEFAULT_MODEL: loader(DEFAULT_MODEL)}
     served = {name: _ServedModel(name, source) for name, source in models.items()}
+    for name, (base, path) in (adapters or {}).items():
+        if name in served or base not in served:
+            problem = "is already a served model's name" if name in served else f"adapts {base!r}, which is not served"
+            raise ValueError(f"adapter {name!r} {problem}; served: {', '.join(served)}")
+        served[name] = _ServedModel(name, path, base=served[base])
     api = FastAPI(title="Generation Studio API", description="OpenAI-compatible completions from the LLM lane")
 
     def find(name: str) -> _ServedModel:
@@ -610,7 +423,10 @@ async def _collect(generation: _Generation):
 
 
 def _model_card(model: _ServedModel) -> dict:
-    return {"id": model.name, "object": "model", "created": model.created, "owned_by": "generation-studio"}
+    card = {"id": model.name, "object": "model", "created": model.created, "owned_by": "generation-studio"}
+    if model.base is not None:  # as vLLM lists a LoRA module: its base is its parent
+        card |= {"root": model.name, "parent": model.base.name}
+    return card
 
 
 def chat_prompt(tokenizer, messages: list[ChatMessage]) -> str:

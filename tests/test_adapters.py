@@ -11,9 +11,11 @@ from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from tiny_models import generate_image, stock_sd, studio_pipeline, tiny_llm, tiny_sd_components
 
+from serving import serving
 from pipelines.adapters import merged
 from pipelines.text_generation import TextGenerationPipeline
 from studio.loading import LoadError
+from studio.server import create_api
 
 PROMPT = "The cat sat on the mat. The cat sat"
 
@@ -193,3 +195,30 @@ def test_merged_weights_give_the_unmerged_image_and_are_restored_exactly(lora_fo
         folded = generate_image(pipe)
     np.testing.assert_allclose(folded.pixels, unmerged.pixels, atol=1e-4)
     assert all(torch.equal(before[k], v) for k, v in pipe.denoiser.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving adapters, vLLM-style
+
+
+def test_an_adapter_is_served_as_a_model_of_its_own(tokenizer, peft_folder):
+    import openai
+
+    llm = TextGenerationPipeline(tiny_llm("llama"), tokenizer)
+    api = create_api({"tiny": llm}, adapters={"tiny-lora": ("tiny", str(peft_folder))})
+    with serving(api) as url:
+        client = openai.OpenAI(base_url=url, api_key="not-needed", max_retries=0, timeout=60)
+        cards = {card.id: card for card in client.models.list().data}
+        assert set(cards) == {"tiny", "tiny-lora"} and cards["tiny-lora"].model_extra["parent"] == "tiny"
+        adapted = client.completions.create(model="tiny-lora", prompt=PROMPT, max_tokens=8, temperature=0)
+        base = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0)
+    assert adapted.choices[0].text == llm(PROMPT, max_new_tokens=8, adapter="tiny-lora").text
+    assert base.choices[0].text == llm(PROMPT, max_new_tokens=8, fast_path=False).text != adapted.choices[0].text
+
+
+def test_a_served_adapter_must_adapt_a_served_model(tokenizer, peft_folder):
+    llm = TextGenerationPipeline(tiny_llm("llama"), tokenizer)
+    with pytest.raises(ValueError, match="adapts 'other', which is not served; served: tiny"):
+        create_api({"tiny": llm}, adapters={"lora": ("other", str(peft_folder))})
+    with pytest.raises(ValueError, match="'tiny' is already a served model's name"):
+        create_api({"tiny": llm}, adapters={"tiny": ("tiny", str(peft_folder))})
