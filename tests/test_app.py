@@ -1,34 +1,48 @@
-"""The app as a user meets it: launched, then driven through gradio_client and a headless browser,
-on the shipped default models."""
+"""The app as a user meets it: launched, then driven through gradio_client, raw /gradio_api/call
+payloads and a headless browser, on the shipped default models (and, for STUDIO_MODELS, on tiny
+models saved to local folders)."""
 
 import concurrent.futures
+import json
 import os
 import re
 import shutil
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from gradio_client import Client
 from PIL import Image
+from tiny_models import byte_tokenizer, stock_sd, tiny_llm, tiny_sd_components
 
 from pipelines import LatentDiffusionPipeline, TextGenerationPipeline
 from studio import assets
-from studio.ui import build_app, example_prompt
+from studio.ui import Models, build_app, example_prompt
 
-LLM = "smollm2-135m"
-DIFFUSION = (assets.list_models("diffusion") or [None])[0]  # the app's default diffusion model
+LLM = assets.default_model("llm")
+DIFFUSION = assets.default_model("diffusion")  # the app's default diffusion model
 DIFFUSION_PROMPT = example_prompt(DIFFUSION)
 SHARED = ["cpu", "auto", "model's own"]  # device, attention kernel, precision
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 
 
-@pytest.fixture(scope="module")
-def url():
-    app = build_app()
+def launch(app) -> str:
     app.queue(default_concurrency_limit=2)
     _, local_url, _ = app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
-    yield local_url
+    return local_url
+
+
+@pytest.fixture(scope="module")
+def models():
+    return Models()
+
+
+@pytest.fixture(scope="module")
+def url(models):
+    app = build_app(models)  # as app.py builds it: the default LLM warms up in the background
+    yield launch(app)
+    models.wait_for_compiles()  # a compile cut short at exit would abort the interpreter
     app.close()
 
 
@@ -38,14 +52,14 @@ def reference_llm():
     return TextGenerationPipeline.from_pretrained(LLM, device="cpu")
 
 
-def llm_args(prompt="The cat sat", max_tokens=6, seed=0, temperature=0.0):
+def llm_args(prompt="The cat sat", max_tokens=6, seed=0, temperature=0.0, model=LLM):
     # model, prompt, format, max tokens, temperature, top-k, top-p, seed, KV cache, speculative, shared...
-    return [LLM, prompt, "completion", max_tokens, temperature, 0, 1, seed, True, "off", *SHARED]
+    return [model, prompt, "completion", max_tokens, temperature, 0, 1, seed, True, "off", *SHARED]
 
 
-def image_args(prompt=DIFFUSION_PROMPT, steps=4, seed=0):
+def image_args(prompt=DIFFUSION_PROMPT, steps=4, seed=0, size="model's own", model=DIFFUSION):
     # model, prompt, negative, steps, guidance, scheduler, CFG mode, seed, size, shared...
-    return [DIFFUSION, prompt, "", steps, 5.0, "euler", "batched", seed, "model's own", *SHARED]
+    return [model, prompt, "", steps, 5.0, "euler", "batched", seed, size, *SHARED]
 
 
 def streamed_tokens(update) -> str:
@@ -95,8 +109,8 @@ def test_two_concurrent_clients_each_get_their_own_results(url, reference_llm):
     "args, message",
     [
         (llm_args(prompt=""), "prompt is empty"),
-        (llm_args(prompt="word " * 9000), "exceeds the model's context"),
-        pytest.param(image_args(steps=0), "less than minimum value 1", marks=needs_diffusion),  # the slider's own check
+        (llm_args(prompt="word " * 9000), "45,000 characters long; the most is 4,000"),
+        pytest.param(image_args(steps=0), "steps must be a whole number from 1 to 100; got 0", marks=needs_diffusion),
         pytest.param(image_args(prompt="rocket"), "did you mean|not one of",
                      marks=pytest.mark.skipif(DIFFUSION != "fashion-dit", reason="only a class-conditional model refuses it")),
     ],
@@ -109,46 +123,119 @@ def test_bad_input_gives_a_readable_message_and_the_app_keeps_serving(url, args,
     assert streamed_tokens(client.predict(*llm_args(max_tokens=2), api_name="/generate_text"))
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+def raw_call(url: str, api: str, body: str) -> tuple[str, object]:
+    """POST a raw JSON body to /gradio_api/call/<api> and read the event stream: (event, data) of its end."""
+    base = f"{url.rstrip('/')}/gradio_api/call/{api}"
+    response = httpx.post(base, content=body, headers={"content-type": "application/json"}, timeout=60)
+    if response.status_code != 200:
+        return f"http {response.status_code}", response.text
+    event = None
+    with httpx.stream("GET", f"{base}/{response.json()['event_id']}", timeout=300) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                event = line.removeprefix("event:").strip()
+            elif line.startswith("data:") and event in ("complete", "error"):
+                return event, json.loads(line.removeprefix("data:"))
+    return "none", None
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make test installs it when run as root)")
-def test_a_user_runs_both_lanes_in_a_browser(url, tmp_path):
-    """Headless Chromium: click Run both, watch tokens and previews arrive, screenshot each tab
-    (into docs/screenshots/ with STUDIO_SCREENSHOTS=1, as committed; elsewhere into a temp folder)."""
-    from playwright.sync_api import sync_playwright
+def raw_llm(**changes) -> str:
+    """/generate_text's JSON body with some arguments replaced by raw JSON text (NaN, a lone surrogate)."""
+    args = dict(zip(["model", "prompt", "format", "max", "temperature", "top_k", "top_p", "seed", "cache", "spec"],
+                    [json.dumps(a) for a in llm_args(max_tokens=2)]))
+    args.update(changes)
+    return '{"data": [' + ", ".join(list(args.values()) + [json.dumps(a) for a in SHARED]) + "]}"
 
-    screenshots = SCREENSHOTS if os.environ.get("STUDIO_SCREENSHOTS") == "1" else tmp_path
-    screenshots.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run"],
-        )
-        page = browser.new_page(viewport={"width": 1500, "height": 2200})
-        page.goto(url)
-        page.get_by_role("button", name="Run both").click()
-        page.get_by_text("tokens/s").wait_for(timeout=120_000)
-        if DIFFUSION is not None:
-            # the counters' last line, written once the VAE has decoded the image
-            page.get_by_text(re.compile(r"VAE decode [\d.]+ ms")).first.wait_for(timeout=180_000)
-        page.get_by_text(re.compile(r"decode ×\d+")).first.wait_for(timeout=120_000)  # the timeline, after both
-        page.wait_for_timeout(4000)  # the charts redraw after the last update
-        assert page.locator(".chip").count() >= 3
-        page.screenshot(path=str(screenshots / "studio.png"), full_page=True)
-        page.get_by_role("tab", name="Inspector").click()
-        page.get_by_role("button", name="Analyse").click()
-        page.get_by_text("H100 SXM").first.wait_for(timeout=120_000)  # the predictions table (this tab only)
-        page.locator("canvas, img, svg").last.wait_for(timeout=60_000)
-        page.wait_for_timeout(1500)
-        page.screenshot(path=str(screenshots / "inspector.png"), full_page=True)
-        for tab in ("Benchmarks", "Backends"):
-            page.get_by_role("tab", name=tab).click()
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(screenshots / f"{tab.lower()}.png"), full_page=True)
-        assert page.get_by_text("sdpa-cudnn").count() >= 1  # the backends table rendered
-        browser.close()
+
+def raw_image(**changes) -> str:
+    args = dict(zip(["model", "prompt", "negative", "steps", "guidance", "scheduler", "cfg", "seed", "size"],
+                    [json.dumps(a) for a in image_args(steps=2)]))
+    args.update(changes)
+    return '{"data": [' + ", ".join(list(args.values()) + [json.dumps(a) for a in SHARED]) + "]}"
+
+
+def pasted(config) -> str:
+    return json.dumps({"data": ["llama-3.2-1b", config if isinstance(config, str) else json.dumps(config), "cpu"]})
+
+
+LLAMA = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "intermediate_size": 128, "vocab_size": 100}
+
+
+@pytest.mark.parametrize(
+    "api, body, message",
+    [
+        ("generate_text", raw_llm(prompt='"abc \\ud800"'), r"unpaired surrogate \(U\+D800"),
+        ("generate_text", raw_llm(seed="NaN"), "seed must be a whole number .*; got NaN"),
+        ("generate_text", raw_llm(seed="Infinity"), "seed must be a whole number .*; got Infinity"),
+        ("generate_text", raw_llm(top_p="NaN"), "top-p must be a number from 0.05 to 1; got NaN"),
+        ("generate_text", raw_llm(max="null"), "max new tokens must be a whole number from 1 to 256; got null"),
+        ("generate_text", raw_llm(max='"8"'), 'max new tokens must be a whole number .*; got "8"'),
+        ("generate_text", raw_llm(cache='"yes"'), 'KV cache must be true or false; got "yes"'),
+        ("generate_text", raw_llm(model='"/etc/passwd"'), "model must be one of: "),
+        ("generate_text", json.dumps({"data": llm_args()[:3]}), "didn't receive enough input values"),
+        pytest.param("generate_image", raw_image(steps="null"), "steps must be a whole number from 1 to 100; got null",
+                     marks=needs_diffusion),
+        pytest.param("generate_image", raw_image(seed="NaN"), "seed must be a whole number .*; got NaN",
+                     marks=needs_diffusion),
+        pytest.param("generate_image", raw_image(size='"100"'), "image size must be one of: model's own, 32, 64",
+                     marks=needs_diffusion),
+        ("inspect", pasted({**LLAMA, "hidden_size": 1e12}), "hidden_size must be a whole number from 0 to"),
+        ("inspect", pasted({**LLAMA, "hidden_size": -64}), "hidden_size must be a whole number .*; got -64"),
+        ("inspect", pasted({**LLAMA, "num_hidden_layers": 10**6}), "num_hidden_layers must be a whole number"),
+        ("inspect", pasted("[" * 5000 + "]" * 5000), "nests deeper"),
+        ("inspect", pasted('{"a": ' * 5000 + "1" + "}" * 5000), "nests deeper"),
+        ("inspect", pasted('{"x": 1' + "0" * 5000 + "}"), "not valid JSON"),
+        ("inspect", pasted("[1, 2]"), "got a JSON array"),
+        ("inspect", pasted({"hello": 1}), "cannot analyse this config: .*model_type"),
+    ],
+)
+def test_every_bad_request_gets_a_readable_message_not_a_null_error(url, api, body, message):
+    event, data = raw_call(url, api, body)
+    assert event == "error" and isinstance(data, dict) and data.get("error"), (event, data)
+    assert re.search(message, data["error"]), data["error"]
+
+
+@pytest.mark.parametrize("pasted_text", ['"/etc/passwd"', '"/root"', '"/nonexistent/x"', '"openai/gpt-oss-120b"',
+                                         '"llama-3.2-1b"', '"assets/configs/gpt2"'])
+def test_the_inspector_never_reads_a_path_or_hub_id_typed_in_the_browser(url, pasted_text):
+    """A pasted JSON string is refused alike, whatever it names: no file read, no existence oracle,
+    no download (the hub id answers at once)."""
+    event, data = raw_call(url, "inspect", pasted(pasted_text))
+    assert event == "error"
+    assert data["error"].startswith("paste the contents of a config.json") and "got a JSON string" in data["error"]
+
+
+def test_the_inspector_analyses_a_reference_from_its_list_or_a_pasted_config(url):
+    client = Client(url, verbose=False)
+    summary, table, _ = client.predict("smollm2-135m", "", "cpu", api_name="/inspect")
+    assert "parameters" in summary and "H100" in json.dumps(table)
+    summary, _, _ = client.predict("llama-3.2-1b", json.dumps(LLAMA), "cpu", api_name="/inspect")
+    assert "KV cache" in summary
+    with pytest.raises(Exception, match="not in the list of choices"):
+        client.predict("/etc", "", "cpu", api_name="/inspect")
+
+
+@needs_diffusion
+def test_the_image_size_is_accepted_as_view_api_lists_it(url):
+    client = Client(url, verbose=False)
+    sizes = next(p for p in client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+                 ["/generate_image"]["parameters"] if p["parameter_name"] == "side")
+    assert "'32'" in sizes["python_type"]["type"]
+    native = Image.open(client.predict(*image_args(steps=1), api_name="/generate_image")[2]).size
+    for size in ("64", 64):
+        final = client.predict(*image_args(steps=1, size=size), api_name="/generate_image")[2]
+        assert Image.open(final).size == (64, 64) != native
+
+
+def test_the_default_llm_compiles_its_decode_step_off_the_first_requests_path(url, models):
+    """At start the app loads the default LLM and compiles its fast-path decode step in a thread;
+    requests run meanwhile, and the counters say where the compile stands and on how many threads."""
+    models.warming.join(timeout=300)
+    decoder = models.llm(LLM, "cpu").fast_decoder
+    assert decoder is not None and decoder.compile == "background"
+    counters = Client(url, verbose=False).predict(*llm_args(max_tokens=3), api_name="/generate_text")[4]
+    assert "fast path:" in counters and re.search(r"CPU threads: \d+", counters)
 
 
 def test_the_app_with_both_lanes_run_stays_under_2_5_gb_resident(url):
@@ -161,3 +248,147 @@ def test_the_app_with_both_lanes_run_stays_under_2_5_gb_resident(url):
     if DIFFUSION is not None:
         client.predict(*image_args(steps=2), api_name="/generate_image")
     assert rss_bytes() <= 2.5e9, f"{rss_bytes() / 1e9:.2f} GB resident"
+
+
+@pytest.fixture(scope="module")
+def operator_folders(tmp_path_factory):
+    """A tiny LLM and a tiny Stable Diffusion saved as local folders, as an operator would list them."""
+    root = tmp_path_factory.mktemp("operator-models")
+    tiny_llm("llama").save_pretrained(root / "my-llm", safe_serialization=True)
+    byte_tokenizer().save_pretrained(root / "my-llm")
+    stock_sd(tiny_sd_components()).save_pretrained(root / "my-sd", safe_serialization=True)
+    shutil.copytree(root / "my-llm", root / "not-listed")
+    return root
+
+
+def test_an_operator_adds_models_with_STUDIO_MODELS_and_only_those_load(operator_folders, monkeypatch):
+    root = operator_folders
+    monkeypatch.setenv("STUDIO_MODELS", f"llm=HuggingFaceTB/SmolLM2-1.7B-Instruct,{root / 'my-llm'}; "
+                                        f"diffusion={root / 'my-sd'}")
+    models = Models()
+    assert models.llm_names == [LLM, "HuggingFaceTB/SmolLM2-1.7B-Instruct", str(root / "my-llm")]
+    assert models.diffusion_names[0] == DIFFUSION and models.diffusion_names[-1] == str(root / "my-sd")
+    app = build_app(models, warm_up=False)
+    try:
+        client = Client(launch(app), verbose=False)
+        got = client.predict(*llm_args(model=str(root / "my-llm"), max_tokens=4), api_name="/generate_text")
+        expected = TextGenerationPipeline.from_pretrained(str(root / "my-llm"), device="cpu")("The cat sat", max_new_tokens=4)
+        assert [item["token"] for item in got[1]] == [ev.text or "·" for ev in expected.steps if ev.token_id is not None]
+        image = client.predict(*image_args(model=str(root / "my-sd"), prompt="a red apple", steps=2),
+                               api_name="/generate_image")[2]
+        assert Image.open(image).size == (64, 64)
+        for typed in (str(root / "not-listed"), "/etc", "gpt2"):
+            with pytest.raises(Exception, match="model must be one of"):
+                client.predict(*llm_args(model=typed), api_name="/generate_text")
+    finally:
+        models.wait_for_compiles()
+        app.close()
+
+
+def test_a_fast_path_failure_is_told_once_in_the_counters(operator_folders, monkeypatch):
+    """The lane's notice (here: the fast path failed, the plain loop ran) reaches the user on that
+    request, and not again on the next."""
+    from pipelines.fast_llama import FastLlama
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this step")
+
+    monkeypatch.setattr(FastLlama, "decode_logits", broken)
+    folder = str(operator_folders / "my-llm")
+    models = Models(llm_names=[folder], diffusion_names=[])
+    app = build_app(models, warm_up=False)
+    try:
+        client = Client(launch(app), verbose=False)
+        first = client.predict(*llm_args(model=folder, max_tokens=3), api_name="/generate_text")[4]
+        assert "⚠ the fast path failed on cpu (no kernel for this step)" in first
+        assert "plain loop" in first
+        second = client.predict(*llm_args(model=folder, max_tokens=3), api_name="/generate_text")[4]
+        assert "⚠" not in second and "the fast path failed" in second  # the line says why, the warning is gone
+    finally:
+        models.wait_for_compiles()
+        app.close()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+FIRST_SCREEN = {"width": 1400, "height": 1000}
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--no-first-run"]
+
+
+def in_first_screen(page, selector: str) -> bool:
+    """Whether the element lies on the page's first screen (in page coordinates: wherever the
+    browser happens to be scrolled, a user at the top of the page sees it without scrolling)."""
+    box = page.locator(selector).first.bounding_box()
+    if box is None or box["height"] == 0:
+        return False
+    top, left = box["y"] + page.evaluate("window.scrollY"), box["x"] + page.evaluate("window.scrollX")
+    return 0 <= top and top + box["height"] <= FIRST_SCREEN["height"] and 0 <= left and left + box["width"] <= FIRST_SCREEN["width"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make test installs it when run as root)")
+def test_a_user_runs_both_lanes_in_a_browser(url, models, tmp_path):
+    """Headless Chromium at 1400 x 1000: click Run both, then the prompt's tokens, the token stream,
+    the image and both per-step charts are on the first screen; every filmstrip thumbnail loaded;
+    every setting is one click away. Screenshots of the first screen and each tab go into
+    docs/screenshots/ with STUDIO_SCREENSHOTS=1 (as committed), elsewhere into a temp folder."""
+    from playwright.sync_api import sync_playwright
+
+    screenshots = SCREENSHOTS if os.environ.get("STUDIO_SCREENSHOTS") == "1" else tmp_path
+    screenshots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        page = browser.new_page(viewport=FIRST_SCREEN)
+        page.goto(url)
+        page.get_by_text("Run a lane to see its stages here.").wait_for()  # the whole page has rendered
+        page.get_by_role("button", name="Run both").click()
+        page.get_by_text("tokens/s").wait_for(timeout=180_000)
+        if DIFFUSION is not None:
+            # the counters' last line, written once the VAE has decoded the image
+            page.get_by_text(re.compile(r"VAE decode [\d.]+ ms")).first.wait_for(timeout=180_000)
+        page.get_by_text(re.compile(r"decode ×\d+")).first.wait_for(timeout=120_000)  # the timeline, after both
+        page.wait_for_timeout(3000)  # the charts redraw after the last update
+        assert page.locator(".chip").count() >= 3
+        first_screen = ["#llm-chips .chip", "#llm-stream", "#llm-times"]
+        if DIFFUSION is not None:
+            first_screen += ["#final-image img", "#diffusion-times"]
+        assert {s: in_first_screen(page, s) for s in first_screen} == dict.fromkeys(first_screen, True)
+        for chart in ("#llm-times", "#diffusion-times")[: 2 if DIFFUSION else 1]:
+            assert page.locator(f"{chart} canvas, {chart} svg").count() >= 1  # drawn, not an empty frame
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(screenshots / "studio.png"))  # the first screen, as a user sees it
+
+        if DIFFUSION is not None:
+            # the image is shown enlarged with square pixels; its file (the download) is the real image
+            final = page.locator("#final-image img").first
+            natural, shown, rendering = final.evaluate(
+                "i => [i.naturalWidth, i.getBoundingClientRect().width, getComputedStyle(i).imageRendering]")
+            assert natural == models.diffusion(DIFFUSION, "cpu").default_size[1]
+            assert natural >= 256 or (shown >= 4 * natural and rendering == "pixelated")
+            # every thumbnail of the filmstrip loaded (none a broken-image icon)
+            page.locator("#filmstrip").scroll_into_view_if_needed()
+            page.wait_for_function("() => [...document.querySelectorAll('#filmstrip img')].every(i => i.complete)")
+            widths = page.evaluate("() => [...document.querySelectorAll('#filmstrip img')].map(i => i.naturalWidth)")
+            assert len(widths) == 20 and all(w > 0 for w in widths), widths
+
+        # every setting is one click away: each lane's accordion opens onto its controls
+        for accordion in page.get_by_text(re.compile(r"^settings: ")).all():
+            accordion.click()
+        for label in ["max new tokens", "top-p", "KV cache", "speculative decoding"] + (
+                ["steps", "guidance scale (1 = no CFG)", "CFG mode", "image size (pixels)"] if DIFFUSION else []):
+            assert page.get_by_text(label, exact=True).first.is_visible(), label
+        page.screenshot(path=str(screenshots / "studio-settings.png"), full_page=True)
+
+        page.get_by_role("tab", name="Inspector").click()
+        page.get_by_role("button", name="Analyse").click()
+        page.get_by_text("H100 SXM").first.wait_for(timeout=120_000)  # the predictions table (this tab only)
+        page.locator("canvas, img, svg").last.wait_for(timeout=60_000)
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(screenshots / "inspector.png"), full_page=True)
+        for tab in ("Benchmarks", "Backends"):
+            page.get_by_role("tab", name=tab).click()
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(screenshots / f"{tab.lower()}.png"), full_page=True)
+        assert page.get_by_text("sdpa-cudnn").count() >= 1  # the backends table rendered
+        browser.close()

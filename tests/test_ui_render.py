@@ -85,3 +85,109 @@ def test_out_of_memory_becomes_a_message_naming_what_to_lower():
     with pytest.raises(gr.Error, match="prompt is empty"):
         with request_errors("llm"):
             raise ValueError("the prompt is empty; type some text to continue")
+
+
+def test_counters_say_what_ran_the_llm(events):
+    text = render.llm_counters(events, ceilings_for("cpu"), torch.float32,
+                               runtime=["fast path: fp32 weights; decode step compiled (3 s)", "2 CPU threads"])
+    assert text.endswith("fast path: fp32 weights; decode step compiled (3 s)  \n2 CPU threads")
+
+
+def test_runtime_lines_show_the_fast_paths_state_or_why_the_plain_loop_ran(tokenizer):
+    from pipelines.fast_decode import FastDecoder
+    from studio.ui import runtime_lines
+
+    llm = TextGenerationPipeline(tiny_llm("llama"), tokenizer)
+    llm.fast_decoder = FastDecoder(llm.model, compile="background")
+    lines = runtime_lines(llm, fast=True)
+    assert lines[0].startswith("fast path: ") and "compiles on first use" in lines[0]
+    assert lines[1] == f"CPU threads: {torch.get_num_threads()} (torch.get_num_threads())"
+    assert runtime_lines(llm, fast=False)[0].startswith("plain loop: the fast path does not run")
+    llm.fast_path_error = "the fast path failed on cpu (boom)"
+    assert runtime_lines(llm, fast=True)[0] == "plain loop: the fast path failed on cpu (boom)"
+    assert runtime_lines(RemoteTextGeneration("http://127.0.0.1:9/v1", "m"), fast=None) == []
+
+
+@pytest.mark.parametrize(
+    "value, args, kwargs, message",
+    [
+        (float("nan"), ("seed", 0, 2**63 - 1), dict(whole=True), "seed must be a whole number from 0 to 2\\*\\*63 - 1; got NaN"),
+        (None, ("steps", 1, 100), dict(whole=True), "got null"),
+        ("8", ("max new tokens", 1, 256), dict(whole=True), 'got "8"'),
+        (True, ("top-k", 0, 200), dict(whole=True), "got true"),
+        (2.5, ("steps", 1, 100), dict(whole=True), "got 2.5"),
+        (0.01, ("top-p", 0.05, 1), {}, "top-p must be a number from 0.05 to 1; got 0.01"),
+    ],
+)
+def test_a_bad_number_is_refused_naming_the_field_and_its_range(value, args, kwargs, message):
+    from studio.ui import inputs
+
+    with pytest.raises(ValueError, match=message):
+        inputs.number(value, *args, **kwargs)
+
+
+def test_inputs_accept_what_the_browser_and_the_api_send():
+    from studio.ui import inputs
+
+    assert inputs.number(24.0, "max new tokens", 1, 256, whole=True) == 24
+    assert inputs.number(None, "seed", 0, 10, whole=True, empty=0) == 0
+    assert inputs.choice("32", "image size", ["model's own", "32"]) == inputs.choice(32, "image size", ["model's own", "32"]) == "32"
+    assert inputs.text("a red apple 🍎", "prompt", 100) == "a red apple 🍎"
+    with pytest.raises(ValueError, match="unpaired surrogate"):
+        inputs.text("abc \ud800", "the prompt", 100)
+    with pytest.raises(ValueError, match="must be true or false"):
+        inputs.flag("yes", "KV cache")
+
+
+def test_the_default_models_and_their_examples_come_from_the_manifest(tmp_path):
+    import json
+
+    from studio import assets
+    from studio.ui import allow_list, examples
+
+    assert assets.default_model("diffusion") == ("emoji-sd" if "emoji-sd" in assets.list_models() else "fashion-dit")
+    assert examples(["fashion-dit"])[:2] == [["fashion-dit", "sneaker"], ["fashion-dit", "dress"]]
+    assert allow_list("diffusion", {"diffusion": ["/data/my-sd"]})[0] == assets.default_model("diffusion")
+    # shipping emoji-sd (adding it to the manifest) makes it the default, with no code change
+    manifest = json.loads(assets.MANIFEST.read_text())
+    entry = dict(manifest["models"][-1], name="emoji-sd", example_prompt="red apple",
+                 example_prompts=["rocket", "dog face"])
+    (tmp_path / "manifest.json").write_text(json.dumps({"models": manifest["models"] + [entry]}))
+    assert assets.default_model("diffusion", tmp_path / "manifest.json") == "emoji-sd"
+    assert assets.example_prompts("emoji-sd", tmp_path / "manifest.json") == ["red apple", "rocket", "dog face"]
+
+
+def test_studio_models_extends_the_allow_list_per_lane(tmp_path):
+    from studio import assets
+
+    (tmp_path / "my-sd").mkdir()
+    parsed = assets.operator_models(f" llm = HuggingFaceTB/SmolLM2-1.7B-Instruct ; diffusion=stabilityai/sd-turbo,"
+                                    f"{tmp_path / 'my-sd'};")
+    assert parsed == {"llm": ["HuggingFaceTB/SmolLM2-1.7B-Instruct"],
+                      "diffusion": ["stabilityai/sd-turbo", str(tmp_path / "my-sd")]}
+    assert assets.operator_models("") == {}
+    with pytest.raises(ValueError, match="not lane=model"):
+        assets.operator_models("stabilityai/sd-turbo")
+    with pytest.raises(ValueError, match="lane of llm, diffusion"):
+        assets.operator_models("image=stabilityai/sd-turbo")
+    with pytest.raises(ValueError, match="folder .*missing does not exist"):
+        assets.operator_models(f"llm={tmp_path / 'missing'}")
+
+
+def test_the_filmstrip_writes_each_frame_once_under_its_own_name(tmp_path):
+    """Gradio rewrote a PIL image's cache file on every update, and the browser, fetching it
+    meanwhile, showed a broken thumbnail: each frame is now a file written once and never again."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from studio.ui import Filmstrip
+
+    strip = Filmstrip(tmp_path)
+    first = strip.add(Image.new("L", (8, 8), 10), "step 1")
+    written = Path(first[0][0]).stat().st_mtime_ns
+    frames = strip.add(Image.new("L", (8, 8), 10), "step 2")  # the same picture gets a file of its own
+    assert frames[0] == first[0] and frames[1][0] != frames[0][0] and frames[1][1] == "step 2"
+    assert Path(first[0][0]).stat().st_mtime_ns == written
+    assert Image.open(frames[1][0]).size == (128, 128)  # enlarged with square pixels for the thumbnail
+    assert not list(strip.folder.glob("*.tmp"))

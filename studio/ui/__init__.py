@@ -1,5 +1,10 @@
 """The Gradio app: both lanes side by side, the inspector and the benchmarks, as thin layers over
-the public pipeline API. No model logic here: the lanes' events are rendered by ui.render.
+the public pipeline API. No model logic here: the lanes' events are rendered by ui.render and
+their inputs checked by ui.inputs.
+
+The first screen shows the lanes working: each lane's prompt and Generate button, then its output
+(the prompt's tokens and the token stream; the x0 preview and the image) and its per-step chart;
+the settings wait in closed accordions underneath.
 
 Depends on gradio, the pipelines and the studio core; nothing depends on it but app.py and the CLI.
 """
@@ -7,18 +12,24 @@ Depends on gradio, the pipelines and the studio core; nothing depends on it but 
 from __future__ import annotations
 
 import contextlib
+import logging
+import tempfile
 import threading
+import time
+from pathlib import Path
 
 import gradio as gr
 import torch
 from PIL import Image
 
 from pipelines import LatentDiffusionPipeline, TextGenerationPipeline
+from pipelines.fast_decode import FastDecoder, wants_fast_path
+from pipelines.fast_llama import MIN_CACHE_LENGTH
 from pipelines.remote import remote_from_env
 from studio import assets, backends
 from studio.profiling import ceilings_for
 
-from . import inspector, render
+from . import inputs, inspector, render
 
 try:  # on a Hugging Face ZeroGPU Space, each lane run gets a GPU for its duration
     import spaces
@@ -30,29 +41,41 @@ except ImportError:
         return fn
 
 
+log = logging.getLogger(__name__)
+
 REMOTE = "remote (STUDIO_REMOTE_LLM)"
+MODELS_OWN = "model's own"
+IMAGE_SIZES = [MODELS_OWN, "32", "64", "128", "256", "512"]  # strings, as the API lists a dropdown's choices
+SCHEDULERS = ["ddim", "euler", "euler-ancestral", "dpm-solver++", "pndm"]
+SPECULATIVE = ["off", "prompt-lookup", "self"]
+LLM_PROMPT_CHARS, IMAGE_PROMPT_CHARS = 4000, 2000
 
 
 class Models:
     """The allow-listed models the app may load, each loaded once per device on first use.
 
-    The hosted app never loads a path typed into the browser: only the names listed here.
+    The hosted app never loads a name typed into the browser: only the shipped models (the
+    default first, see assets.default_model) and those the operator adds with STUDIO_MODELS
+    (hub ids or local folders, see assets.operator_models).
     """
 
     def __init__(self, llm_names: list[str] | None = None, diffusion_names: list[str] | None = None, remote=None):
-        self.llm_names = llm_names if llm_names is not None else assets.list_models("llm")
-        self.diffusion_names = diffusion_names if diffusion_names is not None else assets.list_models("diffusion")
+        extra = assets.operator_models() if llm_names is None or diffusion_names is None else {}
+        self.llm_names = llm_names if llm_names is not None else allow_list("llm", extra)
+        self.diffusion_names = diffusion_names if diffusion_names is not None else allow_list("diffusion", extra)
         # an OpenAI-compatible server the operator configured (STUDIO_REMOTE_LLM), shown as one more LLM
         self.remote = remote if remote is not None else remote_from_env()
         if self.remote is not None:
             self.llm_names = self.llm_names + [REMOTE]
         self._loaded: dict[tuple[str, str, str], object] = {}
         self._lock = threading.Lock()
+        self._locks: dict[tuple[str, str, str], threading.Lock] = {}
+        self.warming: threading.Thread | None = None  # the warm-up's thread, while it loads
 
     def llm(self, name: str, device: str) -> TextGenerationPipeline:
         if name == REMOTE and self.remote is not None:
             return self.remote
-        return self._get("llm", name, device, self.llm_names, TextGenerationPipeline.from_pretrained)
+        return self._get("llm", name, device, self.llm_names, load_llm)
 
     def diffusion(self, name: str, device: str) -> LatentDiffusionPipeline:
         return self._get("diffusion", name, device, self.diffusion_names, LatentDiffusionPipeline.from_pretrained)
@@ -61,10 +84,65 @@ class Models:
         if name not in allowed:
             raise gr.Error(f"{name!r} is not one of this app's {kind} models: {', '.join(allowed) or 'none'}")
         key = (kind, name, device)
-        with self._lock:
+        with self._lock:  # one lock per model: a slow load (a download) holds up only its own lane
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
             if key not in self._loaded:
                 self._loaded[key] = load(name, device=device)
             return self._loaded[key]
+
+    def warm_up(self, device: str, background: bool = True) -> threading.Thread | None:
+        """Load the default LLM and start compiling its fast-path decode step for a short request
+        (batch 1, the smallest cache), so that the compile is off the first request's path."""
+        name = next((n for n in self.llm_names if n != REMOTE), None)
+        if name is None:
+            return None
+
+        def warm():
+            try:
+                llm = self.llm(name, device)
+            except Exception as error:  # the first request loads it again and says what is wrong
+                log.warning("warming up %s failed: %s", name, error)
+                return
+            if llm.fast_decoder is not None:
+                llm.fast_decoder.warm_up(batch=1, max_len=MIN_CACHE_LENGTH, background=True)
+
+        if not background:
+            warm()
+            return None
+        self.warming = threading.Thread(target=warm, daemon=True, name=f"warm up {name}")
+        self.warming.start()
+        return self.warming
+
+    def wait_for_compiles(self, timeout: float = 600) -> None:
+        """Wait until no loaded LLM is compiling in the background (before the process exits: a
+        compile cut short at exit aborts the interpreter)."""
+        if self.warming is not None:
+            self.warming.join(timeout)
+        deadline = time.monotonic() + timeout
+        for llm in [m for (kind, *_), m in list(self._loaded.items()) if kind == "llm"]:
+            # FastDecoder says it only in its status line (no public flag yet)
+            while llm.fast_decoder is not None and "compiling in the background" in llm.fast_decoder.status():
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.5)
+
+
+def load_llm(name: str, device: str) -> TextGenerationPipeline:
+    """An LLM as the app runs it: where the fast path can run it, its decode step compiles in a
+    background thread (compile="background") while requests run it eagerly. Set up before the
+    model is handed to any request, so a request never builds a decoder of its own meanwhile."""
+    llm = TextGenerationPipeline.from_pretrained(name, device=device)
+    if wants_fast_path(llm, None, use_cache=True, speculative=None):
+        llm.fast_decoder = FastDecoder(llm.model, backends.precision_of(llm.model), compile="background")
+    return llm
+
+
+def allow_list(kind: str, extra: dict[str, list[str]]) -> list[str]:
+    """A lane's models: the default first, the other shipped ones, then the operator's."""
+    default = assets.default_model(kind)
+    shipped = ([default] if default else []) + [n for n in assets.list_models(kind) if n != default]
+    return shipped + [n for n in extra.get(kind, []) if n not in shipped]
 
 
 OUT_OF_MEMORY = {
@@ -78,22 +156,33 @@ OUT_OF_MEMORY = {
 @contextlib.contextmanager
 def request_errors(lane: str):
     """One request's failures as messages in the UI, the app serving on: bad input or a model that
-    will not load (ValueError), and running out of device memory, after which the allocator's cache
-    is emptied so the next request starts clean."""
+    will not load (ValueError), running out of device memory (after which the allocator's cache
+    is emptied so the next request starts clean), and anything else with its first line."""
     try:
         yield
+    except gr.Error:
+        raise
     except torch.OutOfMemoryError:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         raise gr.Error(OUT_OF_MEMORY[lane]) from None
     except ValueError as error:
         raise gr.Error(str(error)) from None
+    except Exception as error:
+        log.exception("the %s lane failed", lane)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise gr.Error(f"the {lane} lane failed ({type(error).__name__}: {first}); try other settings, "
+                       "and report it if it happens again") from None
 
 
 def example_prompt(name: str | None) -> str:
     """A prompt the shipped model was made for (a class name for a class-conditional one)."""
-    model = assets.load_manifest().get(name or "")
-    return (model.example_prompt or "") if model else ""
+    return (assets.example_prompts(name) or [""])[0]
+
+
+def examples(names: list[str]) -> list[list[str]]:
+    """[model, prompt] rows: a few prompts each shipped model was made for."""
+    return [[name, prompt] for name in names for prompt in assets.example_prompts(name)[:6]]
 
 
 def enlarged(image, side: int = 256):
@@ -101,6 +190,28 @@ def enlarged(image, side: int = 256):
     pixels, so it is seen as it is rather than as a speck or a blur."""
     scale = max(1, side // max(image.size))
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
+
+
+class Filmstrip:
+    """One run's previews as PNG files in Gradio's cache, each written once under a name of its own
+    (renamed into place, so never seen half-written) and never rewritten.
+
+    The gallery is handed these paths, not images: Gradio rewrites an image's cache file on every
+    update that lists it, and a browser fetching one of them meanwhile got a truncated file and
+    showed a broken thumbnail. A path already in the cache is served as it is."""
+
+    def __init__(self, cache: str | Path):
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(prefix="filmstrip-", dir=cache))
+        self.frames: list[tuple[str, str]] = []
+
+    def add(self, image, caption: str) -> list[tuple[str, str]]:
+        path = self.folder / f"{len(self.frames):03d}.png"
+        scratch = path.with_suffix(".tmp")
+        enlarged(image, 128).save(scratch, format="png")
+        scratch.replace(path)
+        self.frames.append((str(path), caption))
+        return list(self.frames)
 
 
 def devices() -> list[str]:
@@ -128,14 +239,25 @@ def _choices(kind: str, device: str) -> list[str]:
     return [b.name for b in backends.available(torch.device(device), dtype) if b.kind == kind and b.available]
 
 
-def build_app(models: Models | None = None) -> gr.Blocks:
+
+
+class StudioApp(gr.Blocks):
+    """The studio's Blocks: launched, it shows every failure with its message (show_error), so an
+    error Gradio raises before a lane runs (too few arguments) is readable too, never `{"error": null}`."""
+
+    def launch(self, *args, show_error: bool = True, **kwargs):
+        return super().launch(*args, show_error=show_error, **kwargs)
+
+
+def build_app(models: Models | None = None, warm_up: bool = True) -> gr.Blocks:
+    """The app; warm_up loads the default LLM and compiles its decode step in the background."""
     models = models or Models()
     default_device = devices()[-1]
-    with gr.Blocks(title="Generation Studio") as app:
+    with StudioApp(title="Generation Studio", fill_width=True) as app:
         gr.Markdown(
-            "# Generation Studio\n"
-            "An LLM writing tokens and a diffusion model painting an image, side by side, on the same "
-            "attention and matmul backends — every step timed on this device."
+            "**Generation Studio** — an LLM writing tokens and a diffusion model painting an image, side by side, "
+            "on the same attention and matmul backends; every step timed on this device.",
+            elem_id="studio-title",
         )
         with gr.Tab("Studio"):
             _studio_tab(models, default_device)
@@ -153,121 +275,173 @@ def build_app(models: Models | None = None) -> gr.Blocks:
             )
             for control in (device, dtype):
                 control.change(backends_rows, [device, dtype], table, api_name=False)
+        gr.HTML(f"<style>{render.CSS}</style>")
+    if warm_up:  # after the tabs exist: the Benchmarks tab's progress patches tqdm, which loading uses
+        models.warm_up(default_device)
     return app
 
 
 def _studio_tab(models: Models, default_device: str):
-    with gr.Row(equal_height=False):
-        device = gr.Dropdown(devices(), value=default_device, label="device", scale=1)
+    with gr.Row(equal_height=True, elem_id="studio-bar"):
+        device = gr.Dropdown(devices(), value=default_device, label="device", scale=1, min_width=100)
         attention = gr.Dropdown(["auto"] + [n for n in _choices("attention", default_device) if n != "auto"],
-                                value="auto", label="attention kernel (both lanes)", scale=2)
-        precision = gr.Dropdown(["model's own"] + _choices("precision", default_device), value="model's own",
-                                label="matmul precision (both lanes)", scale=2)
-        run_both = gr.Button("Run both", variant="primary", scale=1)
-        stop = gr.Button("Stop", variant="stop", scale=1)
+                                value="auto", label="attention kernel (both lanes)", scale=2, min_width=160)
+        precision = gr.Dropdown([MODELS_OWN] + _choices("precision", default_device), value=MODELS_OWN,
+                                label="matmul precision (both lanes)", scale=2, min_width=160)
+        run_both = gr.Button("Run both", variant="primary", scale=1, min_width=100)
+        stop = gr.Button("Stop", variant="stop", scale=1, min_width=80)
 
     llm_events = gr.State([])
     llm_stages = gr.State([])
     diffusion_stages = gr.State([])
     with gr.Row(equal_height=False):
-        with gr.Column():
-            gr.Markdown("## LLM lane\ntext → tokens → prefill → one decode step per token ↺")
-            llm_model = gr.Dropdown(models.llm_names, value=(models.llm_names or [None])[0], label="model")
-            llm_prompt = gr.Textbox(example_prompt(llm_model.value) or "The cat sat", label="prompt", lines=2,
-                                    max_length=4000)
-            with gr.Row():
-                llm_mode = gr.Radio(["completion", "chat"], value="completion", label="prompt format")
-                max_tokens = gr.Slider(1, 256, value=24, step=1, label="max new tokens")
-            with gr.Row():
-                temperature = gr.Slider(0, 2, value=0, step=0.05, label="temperature (0 = greedy)")
-                top_k = gr.Slider(0, 200, value=0, step=1, label="top-k (0 = off)")
-                top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="top-p")
-            with gr.Row():
-                llm_seed = gr.Number(0, label="seed", precision=0, minimum=0)
-                use_cache = gr.Checkbox(True, label="KV cache")
-                speculative = gr.Dropdown(["off", "prompt-lookup", "self"], value="off", label="speculative decoding")
-            llm_run = gr.Button("Generate", variant="primary")
-            chips = gr.HTML(label="the prompt's tokens")
+        with gr.Column(elem_classes=["lane"]):
+            gr.Markdown("#### LLM lane · text → tokens → prefill → one decode step per token ↺")
+            with gr.Row(equal_height=True):
+                llm_model = gr.Dropdown(models.llm_names, value=(models.llm_names or [None])[0], label="model",
+                                        scale=3, min_width=150)
+                llm_prompt = gr.Textbox(example_prompt(llm_model.value) or "The cat sat", label="prompt", lines=1,
+                                        max_lines=6, max_length=LLM_PROMPT_CHARS, scale=5)
+                llm_run = gr.Button("Generate", variant="primary", scale=1, min_width=90)
+            with gr.Accordion("settings: format, max tokens, sampling, seed, KV cache, speculative; examples",
+                              open=False):
+                with gr.Row():
+                    llm_mode = gr.Radio(["completion", "chat"], value="completion", label="prompt format")
+                    max_tokens = gr.Slider(1, 256, value=24, step=1, label="max new tokens")
+                with gr.Row():
+                    temperature = gr.Slider(0, 2, value=0, step=0.05, label="temperature (0 = greedy)")
+                    top_k = gr.Slider(0, 200, value=0, step=1, label="top-k (0 = off)")
+                    top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="top-p")
+                with gr.Row():
+                    llm_seed = gr.Number(0, label="seed (empty: 0)", precision=0, minimum=0)
+                    use_cache = gr.Checkbox(True, label="KV cache")
+                    speculative = gr.Dropdown(SPECULATIVE, value="off", label="speculative decoding")
+                if examples(models.llm_names):
+                    gr.Examples(examples(models.llm_names), [llm_model, llm_prompt], label="prompts the models were made for")
+            chips = gr.HTML(label="the prompt's tokens", elem_id="llm-chips")
             stream = gr.HighlightedText(label="generated tokens (green: likely, red: unlikely) — click one",
-                                        combine_adjacent=False, show_legend=False)
+                                        combine_adjacent=False, show_legend=False, elem_id="llm-stream")
+            llm_times = gr.BarPlot(x="step", y="ms", color="phase", label="LLM: device time per step", height=200,
+                                   sort=None, elem_id="llm-times")
+            llm_stats = gr.Markdown(elem_id="llm-counters")
             alternatives = gr.BarPlot(x="token", y="probability", color="distribution", label="its top alternatives",
                                       sort=None, height=260, x_label_angle=-35,
                                       color_map={"model": "#4c78a8", "sampled": "#f28e2b"})
-            llm_times = gr.BarPlot(x="step", y="ms", color="phase", label="device time per step", height=220, sort=None)
-            llm_stats = gr.Markdown()
-        with gr.Column():
-            gr.Markdown("## Diffusion lane\nprompt → text encoder → denoiser × steps (× 2 with CFG) → VAE decode")
-            img_model = gr.Dropdown(models.diffusion_names, value=(models.diffusion_names or [None])[0], label="model")
-            img_prompt = gr.Textbox(example_prompt(img_model.value), label="prompt", lines=2, max_length=2000)
-            negative = gr.Textbox("", label="negative prompt")
-            with gr.Row():
-                steps = gr.Slider(1, 100, value=20, step=1, label="steps")
-                guidance = gr.Slider(0, 15, value=5, step=0.5, label="guidance scale (1 = no CFG)")
-            with gr.Row():
-                scheduler = gr.Dropdown(["ddim", "euler", "euler-ancestral", "dpm-solver++", "pndm"], value="euler",
-                                        label="scheduler")
-                cfg_mode = gr.Radio(["batched", "sequential"], value="batched", label="CFG mode")
-            with gr.Row():
-                img_seed = gr.Number(0, label="seed", precision=0, minimum=0)
-                size = gr.Dropdown(["model's own", 32, 64, 128, 256, 512], value="model's own", label="image size (pixels)")
-            img_run = gr.Button("Generate", variant="primary")
-            preview = gr.Image(label="x0 prediction at this step", type="pil", height=256)
-            filmstrip = gr.Gallery(label="filmstrip", columns=10, height=140, preview=False)
-            final = gr.Image(label="final image", type="pil", format="png", height=256)
-            img_times = gr.BarPlot(x="step", y="ms", color="phase", label="device time per step", height=220, sort=None)
-            img_stats = gr.Markdown()
+        with gr.Column(elem_classes=["lane"]):
+            gr.Markdown("#### Diffusion lane · prompt → text encoder → denoiser × steps (× 2 with CFG) → VAE")
+            with gr.Row(equal_height=True):
+                img_model = gr.Dropdown(models.diffusion_names, value=(models.diffusion_names or [None])[0],
+                                        label="model", scale=3, min_width=150)
+                img_prompt = gr.Textbox(example_prompt(img_model.value), label="prompt", lines=1, max_lines=4,
+                                        max_length=IMAGE_PROMPT_CHARS, scale=5)
+                img_run = gr.Button("Generate", variant="primary", scale=1, min_width=90)
+            with gr.Accordion("settings: negative prompt, steps, guidance, scheduler, CFG, seed, size; examples",
+                              open=False):
+                negative = gr.Textbox("", label="negative prompt", max_length=IMAGE_PROMPT_CHARS)
+                with gr.Row():
+                    steps = gr.Slider(1, 100, value=20, step=1, label="steps")
+                    guidance = gr.Slider(0, 15, value=5, step=0.5, label="guidance scale (1 = no CFG)")
+                with gr.Row():
+                    scheduler = gr.Dropdown(SCHEDULERS, value="euler", label="scheduler")
+                    cfg_mode = gr.Radio(["batched", "sequential"], value="batched", label="CFG mode")
+                with gr.Row():
+                    img_seed = gr.Number(0, label="seed (empty: 0)", precision=0, minimum=0)
+                    size = gr.Dropdown(IMAGE_SIZES, value=MODELS_OWN, label="image size (pixels)")
+                if examples(models.diffusion_names):
+                    gr.Examples(examples(models.diffusion_names), [img_model, img_prompt],
+                                label="prompts the models were made for")
+            with gr.Row(equal_height=True):
+                # shown enlarged with square pixels (CSS: .pixels); the files are the real images
+                preview = gr.Image(label="x0 prediction at this step", type="pil", height=240, elem_id="x0-preview",
+                                   elem_classes=["pixels"])
+                final = gr.Image(label="final image (downloads at its real size)", type="pil", format="png",
+                                 height=240, elem_id="final-image", elem_classes=["pixels"])
+            img_times = gr.BarPlot(x="step", y="ms", color="phase", label="diffusion: device time per step",
+                                   height=200, sort=None, elem_id="diffusion-times")
+            img_stats = gr.Markdown(elem_id="diffusion-counters")
+            filmstrip = gr.Gallery(label="filmstrip: the x0 prediction of every step", columns=10, height=140,
+                                   preview=False, elem_id="filmstrip")
     gr.Markdown("### Timeline: both lanes' stages, with the shapes that flow through them")
     timeline = gr.HTML(render.timeline([], []))
-    gr.HTML(f"<style>{render.CSS}</style>")
 
     @gpu
     def run_llm(name, prompt, mode, max_new, temp, k, p, seed, cache, spec, dev, attn, prec):
+        # the inputs arrive as sent (preprocess=False): each is checked here, with a message
         with request_errors("llm"):
+            dev = inputs.choice(dev, "device", devices())
+            name = inputs.choice(name, "model", models.llm_names)
+            prompt = inputs.text(prompt, "the prompt", LLM_PROMPT_CHARS)
+            mode = inputs.choice(mode, "prompt format", ["completion", "chat"])
+            max_new = inputs.number(max_new, "max new tokens", 1, 256, whole=True)
+            temp = inputs.number(temp, "temperature", 0, 2)
+            k = inputs.number(k, "top-k", 0, 200, whole=True)
+            p = inputs.number(p, "top-p", 0.05, 1)
+            seed = inputs.number(seed, "seed", 0, 2**63 - 1, whole=True, empty=0)
+            cache = inputs.flag(cache, "KV cache")
+            spec = inputs.choice(spec, "speculative decoding", SPECULATIVE)
+            attn = inputs.choice(attn, "attention kernel", ["auto"] + _choices("attention", dev))
+            prec = inputs.choice(prec, "matmul precision", [MODELS_OWN] + _choices("precision", dev))
             llm = models.llm(name, dev)
             events = []
             chips_html = ""
             ceilings = dtype = None  # a remote model's steps are wall-clock times on someone else's device
+            fast = None
             if llm.timing_kind == "device":
                 ceilings = ceilings_for(llm.device)
                 dtype = next(llm.model.parameters()).dtype
+                fast = wants_fast_path(llm, None, cache, None if spec == "off" else spec)
             # the backends are read when stream() is called: this scope holds for the whole run,
             # and the shared, cached pipeline is left as it was
-            with backends.use(attention=attn, precision=None if prec == "model's own" else prec):
+            with backends.use(attention=attn, precision=None if prec == MODELS_OWN else prec):
                 stream = llm.stream(
-                    prompt, max_new_tokens=int(max_new), temperature=float(temp), top_k=int(k) or None,
-                    top_p=float(p) if p < 1 else None, seed=int(seed or 0), use_cache=bool(cache),
-                    chat=mode == "chat", speculative=None if spec == "off" else spec,
+                    prompt, max_new_tokens=max_new, temperature=temp, top_k=k or None, top_p=p if p < 1 else None,
+                    seed=seed, use_cache=cache, chat=mode == "chat", speculative=None if spec == "off" else spec,
                 )
+            notices = []
             for ev in stream:
                 events.append(ev)
+                if ev.notice:  # said once by the lane, e.g. that the fast path fell back
+                    gr.Warning(ev.notice)
+                    notices.append(f"⚠ {ev.notice}")
                 if ev.phase == "tokenize":
                     chips_html = render.token_chips(ev.tokens, ev.token_ids, llm.tokenizer)
                     continue
+                counters = render.llm_counters(events, ceilings, dtype, runtime=runtime_lines(llm, fast) + notices)
                 yield (chips_html, render.token_stream(events), render.alternatives_table(ev),
-                       render.step_times(events, ("prefill", "decode")), render.llm_counters(events, ceilings, dtype),
-                       events, render.stages(events, "llm"))
+                       render.step_times(events, ("prefill", "decode")), counters, events, render.stages(events, "llm"))
 
     @gpu
     def run_diffusion(name, prompt, negative_prompt, n_steps, scale, sched, mode, seed, side, dev, attn, prec):
         with request_errors("diffusion"):
+            dev = inputs.choice(dev, "device", devices())
+            name = inputs.choice(name, "model", models.diffusion_names)
+            prompt = inputs.text(prompt, "the prompt", IMAGE_PROMPT_CHARS)
+            negative_prompt = inputs.text("" if negative_prompt is None else negative_prompt, "the negative prompt",
+                                          IMAGE_PROMPT_CHARS)
+            n_steps = inputs.number(n_steps, "steps", 1, 100, whole=True)
+            scale = inputs.number(scale, "guidance scale", 0, 15)
+            sched = inputs.choice(sched, "scheduler", SCHEDULERS)
+            mode = inputs.choice(mode, "CFG mode", ["batched", "sequential"])
+            seed = inputs.number(seed, "seed", 0, 2**63 - 1, whole=True, empty=0)
+            side = inputs.choice(side if side is not None else MODELS_OWN, "image size", IMAGE_SIZES)
+            attn = inputs.choice(attn, "attention kernel", ["auto"] + _choices("attention", dev))
+            prec = inputs.choice(prec, "matmul precision", [MODELS_OWN] + _choices("precision", dev))
             pipe = models.diffusion(name, dev)
-            events, strip = [], []
+            side = None if side == MODELS_OWN else int(side)
+            events, strip = [], Filmstrip(filmstrip.GRADIO_CACHE)
             ceilings = ceilings_for(pipe.device)
-            dtype = pipe.dtype
-            with backends.use(attention=attn, precision=None if prec == "model's own" else prec):
+            with backends.use(attention=attn, precision=None if prec == MODELS_OWN else prec):
                 stream = pipe.stream(
-                    prompt, negative_prompt=negative_prompt or None, steps=int(n_steps), guidance_scale=float(scale),
-                    scheduler=sched, cfg_mode=mode, seed=int(seed or 0),
-                    height=None if side == "model's own" else int(side), width=None if side == "model's own" else int(side),
+                    prompt, negative_prompt=negative_prompt or None, steps=n_steps, guidance_scale=scale,
+                    scheduler=sched, cfg_mode=mode, seed=seed, height=side, width=side,
                 )
             for ev in stream:
                 events.append(ev)
-                if ev.preview is not None:
-                    strip.append((ev.preview, f"step {ev.index + 1}"))
-                yield (enlarged(ev.preview) if ev.preview is not None else gr.skip(), strip,
-                       ev.image if ev.image else gr.skip(),  # the real output, as the download should be
+                frames = strip.add(ev.preview, f"step {ev.index + 1}") if ev.preview is not None else gr.skip()
+                yield (enlarged(ev.preview) if ev.preview is not None else gr.skip(), frames,
+                       ev.image if ev.image else gr.skip(),  # the real image: the download gives it
                        render.step_times(events, ("encode", "denoise", "decode")),
-                       render.diffusion_counters(events, ceilings, dtype), render.stages(events, "diffusion"))
+                       render.diffusion_counters(events, ceilings, pipe.dtype), render.stages(events, "diffusion"))
 
     def show_alternatives(events, evt: gr.SelectData):
         chosen = [e for e in events if e.token_id is not None]
@@ -285,13 +459,13 @@ def _studio_tab(models: Models, default_device: str):
     runs = []
     for trigger in (llm_run, run_both):
         event = trigger.click(run_llm, llm_inputs, llm_outputs, api_name="generate_text" if trigger is llm_run else False,
-                              concurrency_limit=1, concurrency_id="llm")
+                              concurrency_limit=1, concurrency_id="llm", preprocess=False)
         runs.append(event)
         event.then(render.timeline, [llm_stages, diffusion_stages], timeline, api_name=False)
     for trigger in (img_run, run_both):
         event = trigger.click(run_diffusion, img_inputs, img_outputs,
                               api_name="generate_image" if trigger is img_run else False,
-                              concurrency_limit=1, concurrency_id="diffusion")
+                              concurrency_limit=1, concurrency_id="diffusion", preprocess=False)
         runs.append(event)
         event.then(render.timeline, [llm_stages, diffusion_stages], timeline, api_name=False)
     stop.click(None, cancels=runs)
@@ -299,8 +473,25 @@ def _studio_tab(models: Models, default_device: str):
 
     def refresh_choices(dev):
         return (gr.update(choices=["auto"] + [n for n in _choices("attention", dev) if n != "auto"], value="auto"),
-                gr.update(choices=["model's own"] + _choices("precision", dev), value="model's own"))
+                gr.update(choices=[MODELS_OWN] + _choices("precision", dev), value=MODELS_OWN))
 
     device.change(refresh_choices, device, [attention, precision], api_name=False)
-    llm_model.change(example_prompt, llm_model, llm_prompt, api_name=False)
-    img_model.change(example_prompt, img_model, img_prompt, api_name=False)
+    # .input, not .change: picking an example sets the model and its prompt together
+    llm_model.input(example_prompt, llm_model, llm_prompt, api_name=False)
+    img_model.input(example_prompt, img_model, img_prompt, api_name=False)
+
+
+def runtime_lines(llm, fast: bool | None) -> list[str]:
+    """What the LLM ran on besides the model: the fast path's state (its weights, whether the step
+    is compiled yet) or why the plain loop ran, and the CPU's thread count."""
+    if fast is None:  # a remote model
+        return []
+    if llm.fast_path_error:
+        lines = [f"plain loop: {llm.fast_path_error}"]
+    elif not fast:
+        lines = ["plain loop: the fast path does not run this model or these settings (KV cache off, speculative)"]
+    else:
+        lines = [llm.fast_decoder.status() if llm.fast_decoder is not None else "fast path"]
+    if llm.device.type == "cpu":
+        lines.append(f"CPU threads: {torch.get_num_threads()} (torch.get_num_threads())")
+    return lines

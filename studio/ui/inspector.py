@@ -7,6 +7,7 @@ the Benchmarks tab runs it. No model logic here.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -85,30 +86,93 @@ def predictions_table(analysis) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["device", "workload", "predicted ms", "bound", "per second"])
 
 
+PASTED_CHARS = 200_000  # a config.json is a few kilobytes
+NESTING = 20  # a config nests a few levels deep (text_config, rope_scaling)
+COUNTS = re.compile(r"layers|heads|experts|groups|per_block|per_tok")  # a few to a few hundred
+LENGTHS = re.compile(r"position|length|window")  # a context, up to millions of tokens
+SIZES = re.compile(r"size|dim|channels|vocab")  # a width, up to hundreds of thousands
+LIMITS = ((COUNTS, 1024), (LENGTHS, 2**30), (SIZES, 2**22))
+JSON_TYPES = {str: "string", list: "array", int: "number", float: "number", bool: "true/false", type(None): "null"}
+
+
+def pasted_config(text: str) -> dict:
+    """A pasted config.json as a dict, or a ValueError saying what is wrong with it.
+
+    Only a JSON object is read: a name or a path is never looked up (the browser must not read a
+    server's files or start a download), and its sizes must be ones the inspector can build a
+    model of on the meta device in a moment."""
+    if len(text) > PASTED_CHARS:
+        raise ValueError(f"the pasted config is {len(text):,} characters long; a config.json is a few thousand "
+                         f"(the most read is {PASTED_CHARS:,})")
+    try:
+        config = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"the pasted config nests deeper than JSON can be read here; a config.json nests a few "
+                         f"levels (the most read is {NESTING})") from None
+    except ValueError as error:  # JSONDecodeError, or a number too long to read
+        raise ValueError(f"the pasted config is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(
+            'paste the contents of a config.json, a JSON object such as {"model_type": "llama", "hidden_size": 2048, '
+            f"...}}; got a JSON {JSON_TYPES.get(type(config), 'value')}. To analyse a known model, clear this box and choose it "
+            "from the reference architectures (names and paths typed here are not looked up)"
+        )
+    check_sizes(config)
+    return config
+
+
+def check_sizes(config: dict) -> None:
+    """Refuse nesting deeper than NESTING, and sizes, counts and lengths outside LIMITS."""
+    pending = [(config, "", 1)]
+    while pending:
+        value, where, depth = pending.pop()
+        if depth > NESTING:
+            raise ValueError(f"the pasted config nests deeper than {NESTING} levels (at {where}); a config.json "
+                             "nests a few")
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            path = f"{where}.{key}" if where else str(key)
+            if isinstance(item, (dict, list)):
+                pending.append((item, path, depth + 1))
+            name = str(key) if isinstance(value, dict) else where.rsplit(".", 1)[-1]
+            limit = next((top for pattern, top in LIMITS if pattern.search(name)), None)
+            if limit is None or isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue  # a flag, a name or a nested part (checked on its own)
+            if not 0 <= item <= limit:  # a non-integer size gets the library's own message
+                raise ValueError(f"{path} must be a whole number from 0 to {limit:,}; got {item!r}")
+
+
 def inspector_tab(default_device: str):
-    references = list(config_inspector.reference_configs())
+    references = config_inspector.reference_configs()  # name -> its folder
     with gr.Row():
-        default = "llama-3.2-1b" if "llama-3.2-1b" in references else (references or [None])[0]
-        reference = gr.Dropdown(references, value=default, label="reference architecture")
+        default = "llama-3.2-1b" if "llama-3.2-1b" in references else next(iter(references), None)
+        reference = gr.Dropdown(list(references), value=default, label="reference architecture")
         device = gr.Dropdown(["cpu"] + (["cuda"] if torch.cuda.is_available() else []), value=default_device,
                              label="this machine's device (measured roof)")
         analyse_button = gr.Button("Analyse", variant="primary")
-    pasted = gr.Code(label="…or paste a config.json (used when not empty)", language="json", lines=6)
+    pasted = gr.Code(label="…or paste the contents of a config.json (a JSON object; used when not empty)",
+                     language="json", lines=6)
     details = gr.Markdown()
     table = gr.Dataframe(label="predicted time per step on each known GPU", interactive=False)
     figure = gr.Plot(label="roofline")
 
     def run(name, config_text, dev):
+        # a pasted config (a JSON object) or a reference from the list, never a path or hub id
         try:
-            source = json.loads(config_text) if config_text and config_text.strip() else name
-            if source is None:
+            if config_text and config_text.strip():
+                source = pasted_config(config_text)
+            elif name in references:
+                source = references[name]  # the reference's folder: no lookup by name
+            else:
                 raise ValueError("choose a reference architecture or paste a config.json")
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
+        try:
             analysis = config_inspector.analyse(source)
             return summary(analysis), predictions_table(analysis), roofline_figure(analysis, torch.device(dev))
-        except json.JSONDecodeError as error:
-            raise gr.Error(f"the pasted config is not valid JSON: {error}") from None
-        except (ValueError, KeyError, TypeError) as error:
-            raise gr.Error(f"cannot analyse this config: {error}") from None
+        except Exception as error:  # whatever the config makes the libraries raise: the user sees why
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise gr.Error(f"cannot analyse this config: {first}") from None
 
     analyse_button.click(run, [reference, pasted, device], [details, table, figure], api_name="inspect")
 

@@ -77,9 +77,9 @@ def roofline_text(name: str, point) -> str:
     )
 
 
-def llm_counters(events, ceilings: Ceilings | None, dtype: torch.dtype | None) -> str:
+def llm_counters(events, ceilings: Ceilings | None, dtype: torch.dtype | None, runtime: list[str] = ()) -> str:
     """Counters under the LLM lane; without ceilings (a remote model) the times are wall-clock and no
-    roofline is drawn."""
+    roofline is drawn. `runtime`: lines about what ran it (the fast path's state, the CPU threads)."""
     prefill = [e for e in events if e.phase == "prefill"]
     decode = [e for e in events if e.phase == "decode" and e.timing is not None]
     tokenize = [e for e in events if e.phase == "tokenize"]
@@ -108,7 +108,7 @@ def llm_counters(events, ceilings: Ceilings | None, dtype: torch.dtype | None) -
     else:
         lines.append(roofline_text("prefill", stage_roofline(prefill, ceilings, dtype)))
         lines.append(roofline_text("decode", stage_roofline(decode, ceilings, dtype)))
-    return "  \n".join(lines)
+    return "  \n".join(lines + list(runtime))
 
 
 def diffusion_counters(events, ceilings: Ceilings, dtype: torch.dtype) -> str:
@@ -194,4 +194,8 @@ CSS = """
 .stage-tokenize { background: #d8e2ff; } .stage-prefill { background: #8fb0ff; } .stage-decode { background: #c6f0c2; }
 .stage-encode { background: #ffe0b3; } .stage-denoise { background: #ffc2c2; }
 .stage-rest { min-width: 0; }
+#studio-title p { margin: 0; }
+/* an image fills its frame, a small one enlarged with square pixels (a big one shrinks smoothly: pixelated
+   only scales up by nearest neighbour); the file, and its download, stays the real size */
+.pixels img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain !important; }
 """
