@@ -45,20 +45,29 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from safetensors import SafetensorError
 
-from studio import assets, backends
+from studio import adapters, assets, backends
+from studio.adapters import attached
 from studio.backends.attention import check_name as check_attention_name
 from studio.events import Step
 from studio.integrations import diffusers as studio_diffusers
 from studio.integrations import transformers as studio_transformers
-from studio.loading import LoadError, check_weights_format, resolve_device, resolve_dtype
+from studio.loading import (
+    LoadError,
+    check_weights_format,
+    resolve_device,
+    resolve_dtype,
+)
 from studio.profiling import StepTimer, StepTiming
 
-from . import adapters
-from .adapters import attached
 from .diffusion_cost import CostMeter, component_weight_bytes
 from .diffusion_request import SCHEDULERS, DiffusionRequest, check_scheduler_name
 from .fast_diffusion import enable_fast_path
-from .previews import LatentRGBFactors, fit_latent_rgb_factors, known_factors, latents_to_preview
+from .previews import (
+    LatentRGBFactors,
+    fit_latent_rgb_factors,
+    known_factors,
+    latents_to_preview,
+)
 
 COMPONENTS = ("text_encoder", "denoiser", "vae")  # the models whose share of each step is reported
 RUN_COMPONENTS = ("unet", "transformer", "vae", "scheduler", "text_encoder", "tokenizer")  # what the lane loads

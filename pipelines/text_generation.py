@@ -30,16 +30,20 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from studio import assets, backends
+from studio import adapters, assets, backends
+from studio.adapters import attached
 from studio.backends.attention import check_name as check_attention_name
 from studio.cost import decoder_shape, decoder_step_cost
 from studio.integrations.transformers import use_studio_attention
-from studio.loading import LoadError, check_weights_format, resolve_device, resolve_dtype
+from studio.loading import (
+    LoadError,
+    check_weights_format,
+    resolve_device,
+    resolve_dtype,
+)
 from studio.profiling import StepTimer
 from studio.text import lone_surrogate
 
-from . import adapters
-from .adapters import attached
 from .fast_decode import fast_generate, wants_fast_path
 from .generation import (
     Collected,

@@ -203,6 +203,11 @@ def cmd_inspect(args) -> int:
         return 0
     if not args.config:
         raise ValueError("give a config: a reference name (see --list), a config.json, a folder or a hub id")
+    from studio import adapters
+
+    if args.base or adapters.is_adapter(args.config):
+        print(adapters.format_adapter(adapters.inspect_adapter(args.config, base=args.base)))
+        return 0
     analysis = inspector.analyse(
         args.config, device=args.device, dtype=args.dtype, prompt_tokens=args.prompt_tokens, image_size=args.image_size
     )
@@ -356,13 +361,14 @@ def main(argv: list[str] | None = None) -> int:
 
     p = commands.add_parser("inspect", help="what a config.json predicts: parameters, memory, bound and time per device")
     p.add_argument("config", nargs="?", help="a reference name (--list), a config.json or model folder, a shipped "
-                   "model or a hub id")
+                   "model or a hub id; or a LoRA adapter (shipped, or a folder with --base)")
     p.add_argument("--device", help="a known GPU or part of its name (h100, a100 ...), or cpu/cuda to probe this machine")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "int8", "fp8"], help="default: bf16 (LLM), fp16 (diffusion)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="prefill length; decode is the token after it")
     p.add_argument("--image-size", type=int, help="diffusion: pixels per side (default: the model's own)")
     p.add_argument("--results", help="a bench.json to compare with (default: the newest under results/ or docs/benchmarks/)")
     p.add_argument("--list", action="store_true", help="list the shipped reference configs")
+    p.add_argument("--base", help="an adapter's base model, where the adapter does not name it (a shipped adapter does)")
     p.set_defaults(run=cmd_inspect)
 
     p = commands.add_parser("serve", help="launch the Gradio app, the OpenAI-compatible API, or both")

@@ -27,7 +27,13 @@ import torch
 
 from studio import assets
 from studio import train as base_training
-from studio.train import CLDR_ANNOTATIONS, DEFAULT_GUIDANCE, DOCS, SYMBOLA_FONT, record_in_manifest
+from studio.train import (
+    CLDR_ANNOTATIONS,
+    DEFAULT_GUIDANCE,
+    DOCS,
+    SYMBOLA_FONT,
+    record_in_manifest,
+)
 
 GENERAL_TEXT = Path("/usr/share/common-licenses/GPL-3")
 STEPS = {"emoji-describer": 300, "symbola-outline": 1500}
@@ -147,8 +153,8 @@ def train_emoji_describer(out: Path, steps: int, seed: int = 0) -> dict:
 def evaluate_emoji_describer(folder: Path) -> dict:
     """Held-out perplexity of the base model and with the adapter: on the held-out annotations (the
     domain) and on general English."""
-    from pipelines.adapters import attached
     from pipelines.text_generation import TextGenerationPipeline
+    from studio.adapters import attached
 
     llm = TextGenerationPipeline.from_pretrained(BASES["emoji-describer"], device="cpu", dtype="fp32")
     name = llm.load_adapter(str(folder), name="emoji-describer")

@@ -9,11 +9,17 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
-from tiny_models import generate_image, stock_sd, studio_pipeline, tiny_llm, tiny_sd_components
-
 from serving import serving
-from pipelines.adapters import merged
+from tiny_models import (
+    generate_image,
+    stock_sd,
+    studio_pipeline,
+    tiny_llm,
+    tiny_sd_components,
+)
+
 from pipelines.text_generation import TextGenerationPipeline
+from studio.adapters import merged
 from studio.loading import LoadError
 from studio.server import create_api
 
@@ -222,3 +228,17 @@ def test_a_served_adapter_must_adapt_a_served_model(tokenizer, peft_folder):
         create_api({"tiny": llm}, adapters={"lora": ("other", str(peft_folder))})
     with pytest.raises(ValueError, match="'tiny' is already a served model's name"):
         create_api({"tiny": llm}, adapters={"tiny": ("tiny", str(peft_folder))})
+
+
+def test_studio_inspect_reports_an_adapter_against_its_base(peft_folder, tmp_path, capsys):
+    from studio.cli import main
+
+    tiny_llm("llama").config.save_pretrained(tmp_path)
+    assert main(["inspect", str(peft_folder), "--base", str(tmp_path / "config.json")]) == 0
+    out = capsys.readouterr().out
+    assert "a LoRA adapter (rank 4)" in out
+    q_row = next(line for line in out.splitlines() if "q_proj" in line).split()
+    assert q_row[:3] == ["model", "q_proj", "2"]  # two layers, with 2 x 4 x (64 + 64) parameters
+    assert " ".join(q_row[3:5]) == "1.02 k" and q_row[-1] == "12.5%"
+    assert main(["inspect", str(peft_folder)]) == 2  # a folder does not name its base
+    assert "does not say which model it adapts: pass the base model (--base)" in capsys.readouterr().err

@@ -22,7 +22,7 @@ Two file formats, the ones the stock libraries write:
                       (alpha = rank where a file says nothing, as diffusers assumes)
 Pickles (adapter_model.bin) are refused, as the lanes refuse pickled weights.
 
-Depends on torch and safetensors; never on a pipeline module or Gradio.
+Depends on torch, safetensors and studio.loading; never on a pipeline, the UI or Gradio.
 """
 
 from __future__ import annotations
@@ -281,3 +281,68 @@ def merged(components: dict[str, nn.Module], adapter: Adapter, scale: float = 1.
         with torch.no_grad():
             for weight, original in kept:
                 weight.copy_(original)
+
+
+# ---------------------------------------------------------------------------------------------
+# What an adapter costs against its base (`studio inspect ADAPTER`, the app's Inspector)
+
+
+def is_adapter(source: str) -> bool:
+    """Whether `source` names an adapter: a shipped adapter, or a folder in either format."""
+    from studio import assets
+
+    shipped = assets.load_manifest().get(source)
+    if shipped is not None:
+        return shipped.kind.endswith("-adapter")
+    folder = Path(source)
+    return (folder / PEFT_CONFIG).is_file() or (folder / DIFFUSERS_WEIGHTS).is_file()
+
+
+def inspect_adapter(source: str, base: str | None = None) -> dict:
+    """An adapter's parameters and bytes against its base model's, per kind of target layer. The
+    base is built on the meta device from its config (no weights are read): a shipped adapter
+    names its base; for a folder, pass `base` (a shipped name, reference name or config)."""
+    from studio import assets, inspector
+
+    shipped = assets.load_manifest().get(source)
+    base = base or (shipped.base if shipped is not None else None)
+    if base is None:
+        raise ValueError(f"{source} does not say which model it adapts: pass the base model (--base)")
+    path = assets.resolve(source) if shipped is not None else source
+    loaded = inspector.load_config(base)
+    if loaded.kind == "llm":
+        components = {"model": inspector.llm_on_meta(loaded.config, "fp32")}
+        adapter = read_peft(path, components["model"], source)
+    else:
+        denoiser = inspector.diffusers_on_meta(loaded.config, "fp32")
+        components = {"unet" if "UNet" in type(denoiser).__name__ else "transformer": denoiser}
+        if "text_encoder" in loaded.components:
+            components["text_encoder"] = inspector.text_encoder_on_meta(loaded.components["text_encoder"], "fp32")
+        adapter = read_diffusers(path, components, source)
+    base_parameters = sum(p.numel() for model in components.values() for p in model.parameters())
+    return {
+        "adapter": source, "base": base, "ranks": adapter.ranks, "layers": len(adapter.layers),
+        "parameters": adapter.parameters, "bytes": adapter.bytes, "base_parameters": base_parameters,
+        "base_bytes": sum(p.nbytes for model in components.values() for p in model.parameters()),
+        "targets": adapter.by_target(components),
+    }
+
+
+def format_adapter(report: dict) -> str:
+    """`inspect_adapter`'s report as the terminal shows it."""
+    from studio.inspector import human_bytes, human_count
+
+    lines = [
+        f"{report['adapter']}: a LoRA adapter (rank {', '.join(map(str, report['ranks']))}) for {report['base']}",
+        f"  {human_count(report['parameters'])} parameters, {human_bytes(report['bytes'])} "
+        f"({report['parameters'] / report['base_parameters']:.2%} of the base's {human_count(report['base_parameters'])}"
+        f" in the components it touches, {human_bytes(report['base_bytes'])} in fp32)",
+        "",
+        f"  {'component':<13} {'target':<14} {'layers':>6} {'parameters':>11} {'bytes':>10} {'base layers':>12} {'share':>7}",
+    ]
+    for row in report["targets"]:
+        lines.append(
+            f"  {row['component']:<13} {row['target']:<14} {row['layers']:>6} {human_count(row['parameters']):>11} "
+            f"{human_bytes(row['bytes']):>10} {human_bytes(row['base_bytes']):>12} {row['bytes'] / row['base_bytes']:>7.1%}"
+        )
+    return "\n".join(lines)
