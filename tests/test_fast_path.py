@@ -27,7 +27,7 @@ from studio.integrations.diffusers import StudioAttnProcessor
 
 PROMPT = "The cat sat on the mat. The cat sat"
 PROMPTS = [PROMPT, "A dog", "Once upon a time there"]
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph path needs a CUDA GPU")
+cuda = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])

@@ -62,7 +62,7 @@ def test_measure_excludes_warmup_and_reports_spread():
     assert m.min_ms == min(m.all_ms) and m.max_ms == max(m.all_ms)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_cuda_timer_uses_events_resolved_on_read():
     timer = StepTimer("cuda")
     a = torch.randn(2048, 2048, device="cuda")
