@@ -48,6 +48,13 @@ class FastPathReport:
     compiled: list[str] = field(default_factory=list)  # the modules torch.compile wraps
     compile_mode: str | None = None
     compile_s: float | None = None  # wall time of warm_up(): with compile, mostly compiling; None until measured
+    compile_errors: list[str] = field(default_factory=list)  # why compiled modules failed: they run eagerly now
+    told: int = 0  # how many of them the user has been told about (once each, in an event's notice)
+
+    def news(self) -> str | None:
+        """The compile failures not told yet; None if there are none."""
+        untold, self.told = self.compile_errors[self.told:], len(self.compile_errors)
+        return "; ".join(untold) or None
 
 
 def enable_fast_path(pipeline, compile: bool = False, mode: str = COMPILE_MODE) -> FastPathReport:
@@ -70,10 +77,29 @@ def enable_fast_path(pipeline, compile: bool = False, mode: str = COMPILE_MODE) 
         for name, module in (("denoiser", pipeline.denoiser), ("vae decoder", pipeline.vae.decoder)):
             if name not in report.compiled:
                 module.compile(mode=mode, dynamic=False)
+                module._compiled_call_impl = _eager_on_failure(module, module._compiled_call_impl, name, report)
                 report.compiled.append(name)
         report.compile_mode = mode
     pipeline.fast_path_report = report
     return report
+
+
+def _eager_on_failure(module, compiled_call, name: str, report: FastPathReport):
+    """The compiled call of `module`, which, if compiling or running the compiled code fails,
+    records why, puts the module back to its eager call for good and runs that instead: a
+    failing compiler costs the user speed, never the image. (nn.Module.compile keeps the
+    compiled call in _compiled_call_impl; there is no public way to take it back.)"""
+
+    def call(*args, **kwargs):
+        try:
+            return compiled_call(*args, **kwargs)
+        except Exception as error:  # any failure of the compiler; the eager module is still right
+            text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            report.compile_errors.append(f"compiling the {name} failed ({text}); it runs uncompiled")
+            module._compiled_call_impl = None
+            return module._call_impl(*args, **kwargs)
+
+    return call
 
 
 def fuse_qkv(model: torch.nn.Module) -> int:

@@ -97,6 +97,7 @@ class DenoiseStep(Step):
     pixels: np.ndarray | None = None  # decode: the same, float32 [H, W, 3] in [0, 1], before rounding to 8 bits
     parts: dict[str, StepTiming] = field(default_factory=dict)  # model -> its device time within this step
     adapter: str | None = None  # the LoRA adapter that ran (None: the base model)
+    notice: str | None = None  # something the user should be told once, e.g. that a compiled model fell back
 
     @property
     def shares(self) -> dict[str, float]:
@@ -375,7 +376,7 @@ class LatentDiffusionPipeline:
                 denoiser_calls=cost.calls["denoiser"], warmup=index == 0, flops=cost.flops, bytes=cost.bytes,
                 parts=parts, preview=preview, preview_kind=request.preview_at(index) if preview else None,
                 shapes=self.step_shapes(latents, cost.shapes["denoiser"], conditioning, noise_pred),
-                adapter=request.adapter,
+                adapter=request.adapter, notice=self.fast_path_report and self.fast_path_report.news(),
             )
 
         # 6. Decode: the final latents or, stopped early, the last x0 prediction
@@ -502,6 +503,7 @@ class LatentDiffusionPipeline:
             bytes=cost.bytes, parts={"vae": vae_timing},
             shapes={"latents": tuple(latents.shape), "image": tuple(decoded.shape)},
             image=self.image_processor.numpy_to_pil(pixels)[0], pixels=pixels[0],
+            notice=self.fast_path_report and self.fast_path_report.news(),
         )
 
     def decode_latents(self, latents):

@@ -361,6 +361,27 @@ def test_cuda_bf16_graph_decode_stays_close_to_the_plain_loop(tokenizer):
 # The diffusion lane
 
 
+def test_a_failing_compiled_model_falls_back_to_eager_and_says_so_once(monkeypatch):
+    plain = generate_image(studio_pipeline(tiny_sd_components(), fast_path=True))
+
+    def compile_that_fails(module, *args, **kwargs):  # what a missing C++ compiler looks like
+        def failing(*args, **kwargs):
+            raise RuntimeError("InductorError: no working C++ compiler found")
+
+        module._compiled_call_impl = failing
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_that_fails)
+    pipe = studio_pipeline(tiny_sd_components(), fast_path=True)
+    enable_fast_path(pipe, compile=True)
+    first = generate_image(pipe)
+    np.testing.assert_allclose(first.pixels, plain.pixels, atol=1e-5)
+    notices = " ".join(step.notice for step in first.steps if step.notice)
+    for model in ("denoiser", "vae decoder"):  # the preview's colour fit calls the VAE first: both on step 0
+        assert f"compiling the {model} failed (InductorError: no working C++ compiler found); it runs uncompiled" in notices
+    assert pipe.denoiser._compiled_call_impl is None and pipe.vae.decoder._compiled_call_impl is None
+    assert all(step.notice is None for step in generate_image(pipe).steps)  # told once, not retried
+
+
 def test_diffusion_fast_path_keeps_the_image_and_the_studio_attention():
     plain = generate_image(studio_pipeline(tiny_sd_components()))
     pipe = studio_pipeline(tiny_sd_components(), fast_path=True)  # the same seeded weights, then laid out for speed
