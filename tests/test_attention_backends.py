@@ -1,6 +1,8 @@
 """Every attention backend, built in or registered, against the float64 reference on the battery
 of studio.backends.checks: the same cases a plugin's kernel must pass before it runs."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -47,6 +49,21 @@ def test_a_query_that_sees_no_key_gets_zeros(name):
     out = backends.attention(q, k, v, mask=mask, backend=name)
     assert torch.isfinite(out).all()
     assert (out[0, :, 1] == 0).all()
+
+
+def test_a_left_padded_row_that_causal_hides_everything_from_gets_zeros(monkeypatch):
+    """A left-padded prompt: keys 0-1 are padding. With causal applied, queries 0 and 1 see keys
+    0-1 only, which are padding: they see nothing, though the mask alone (keys 2-3 visible) says
+    otherwise. Whatever a kernel returns there (NaN, from a softmax over nothing), those rows must
+    be zeros."""
+    kernels = importlib.import_module("studio.backends.attention")._KERNELS  # the module, not backends.attention()
+    monkeypatch.setitem(kernels, "tiled", lambda q, k, v, causal, mask, scale: torch.full_like(q, float("nan")))
+    q, k, v = inputs(q_len=4, kv_len=4)
+    padding = torch.ones(2, 1, 1, 4, dtype=torch.bool)
+    padding[0, ..., :2] = False
+    out = backends.attention(q, k, v, causal=True, mask=padding, backend="tiled")
+    assert (out[0, :, :2] == 0).all()  # zeroed, not NaN
+    assert torch.isnan(out[0, :, 2:]).all() and torch.isnan(out[1]).all()  # rows that see keys: the kernel's own
 
 
 @pytest.mark.slow

@@ -150,7 +150,7 @@ def run_kernel(name: str, q, k, v, causal, mask, scale) -> torch.Tensor:
     if name == "eager":
         return eager_attention(q, k, v, causal, mask, scale)[0]
     kernel = REGISTERED[name] if name in REGISTERED else _KERNELS[name]
-    return _zero_rows_that_see_nothing(kernel(q, k, v, causal, mask, scale), mask)
+    return _zero_rows_that_see_nothing(kernel(q, k, v, causal, mask, scale), mask, causal)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,11 +447,16 @@ def _with_causal(mask, causal, q_len, kv_len, device):
     return mask.masked_fill(~visible, float("-inf"))
 
 
-def _zero_rows_that_see_nothing(out, mask):
-    if mask is None or mask.dtype != torch.bool:
+def _zero_rows_that_see_nothing(out, mask, causal):
+    """Zeros for the queries that may see no key, judged with the causal pattern applied: a
+    left-padded prompt's padding rows see nothing only once causal hides the later keys, and a
+    kernel's NaN there would reach the real tokens through the next layer's values (0 · NaN)."""
+    if mask is None:
         return out
-    sees_something = mask.any(dim=-1, keepdim=True)  # [.., q_len, 1]
-    return out.masked_fill(~sees_something, 0.0)
+    visible = _with_causal(mask, causal, out.shape[-2], mask.shape[-1], out.device)
+    if visible.dtype != torch.bool:
+        visible = visible > float("-inf")
+    return out.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
 
 
 def _check_inputs(q, k, v, causal, mask):
