@@ -66,6 +66,27 @@ def test_a_left_padded_row_that_causal_hides_everything_from_gets_zeros(monkeypa
     assert torch.isnan(out[0, :, 2:]).all() and torch.isnan(out[1]).all()  # rows that see keys: the kernel's own
 
 
+def test_auto_moves_on_when_its_kernel_fails_on_real_inputs(monkeypatch):
+    """auto probes kernels on small square inputs; a kernel that then raises on real ones gives
+    way to the next in line, for inputs of that kind from then on, instead of failing the run."""
+    attention = importlib.import_module("studio.backends.attention")
+    monkeypatch.setattr(attention, "_AUTO_FAILED", {})
+    chosen = backends.choose_attention(*inputs()).name
+    calls = []
+
+    def fails_on_real_shapes(*args):
+        calls.append(1)
+        raise RuntimeError("cuDNN Frontend error: No execution plans support the graph")
+
+    monkeypatch.setitem(attention._KERNELS, chosen, fails_on_real_shapes)
+    q, k, v = inputs(q_len=1, kv_len=77)
+    expected = backends.attention(q, k, v, backend="sdpa")
+    torch.testing.assert_close(backends.attention(q, k, v), expected)
+    torch.testing.assert_close(backends.attention(q, k, v), expected)
+    assert len(calls) == 1  # passed over the second time
+    assert "raised on real inputs of this kind" in backends.choose_attention(q, k, v, excluded=frozenset({chosen})).reason
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["causal", "gqa-causal", "decode-causal", "padding-causal"])
 def test_flex_matches_float64_reference(case):

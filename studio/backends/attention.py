@@ -121,8 +121,13 @@ def attention(
     name = backend or current().attention or "auto"
     check_name(name)
     _check_inputs(q, k, v, causal, mask)
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
     if name == "auto":
-        name = choose_attention(q, k, v, causal=causal, mask=mask).name
+        if return_weights:
+            raise BackendError("only the eager backend materialises attention weights; got backend 'auto'")
+        return _run_auto(q, k, v, causal, mask, scale)
     else:
         info = attention_info(name, q.device, q.dtype)
         if not info.available:
@@ -135,9 +140,6 @@ def attention(
             raise BackendError(f"attention backend {name!r} cannot take these inputs: {refusal}; choose another backend")
     if return_weights and name != "eager":
         raise BackendError(f"only the eager backend materialises attention weights; got backend {name!r}")
-    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if mask is not None and mask.dtype != torch.bool:
-        mask = mask.to(q.dtype)
     if name == "eager":
         out, weights = eager_attention(q, k, v, causal, mask, scale)
         return (out, weights) if return_weights else out
@@ -385,14 +387,38 @@ class AutoChoice:
     reason: str
 
 
-def choose_attention(q, k, v, causal: bool = False, mask: torch.Tensor | None = None) -> AutoChoice:
+# Kernels that raised on real inputs of a kind after their probe on small square ones passed:
+# auto passes them over for inputs of that kind from then on. kind: see _run_auto.
+_AUTO_FAILED: dict[tuple, set[str]] = {}
+
+
+def _run_auto(q, k, v, causal, mask, scale) -> torch.Tensor:
+    """auto's kernel on these inputs; if it raises (its probe ran on small square shapes, and real
+    ones, a 77-token text or one decoding query over a long cache, can differ), the next kernel in
+    line, and that kernel is passed over for inputs of this kind for good. Plain SDPA runs
+    everything, so its failure is the inputs' and is raised."""
+    kind = (q.device, q.dtype, q.shape[-1], mask is not None, q.shape[1] != k.shape[1], causal, q.shape[-2] == 1)
+    while True:
+        choice = choose_attention(q, k, v, causal=causal, mask=mask, excluded=frozenset(_AUTO_FAILED.get(kind, ())))
+        try:
+            return run_kernel(choice.name, q, k, v, causal, mask, scale)
+        except RuntimeError as error:
+            if choice.name == "sdpa":
+                raise
+            _AUTO_FAILED.setdefault(kind, set()).add(choice.name)
+            log.warning("attention auto: %s failed on these inputs (%s); the next kernel takes them from now on",
+                        choice.name, str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+
+
+def choose_attention(q, k, v, causal: bool = False, mask: torch.Tensor | None = None,
+                     excluded: frozenset[str] = frozenset()) -> AutoChoice:
     """The kernel `auto` uses for these inputs, and why: a registered kernel that asked for auto
     (registration order), where it takes these inputs and passed the check on this device and
     dtype; else the first of cuDNN, flash, efficient, plain SDPA (fastest first) that runs this
     device, dtype, head size, mask and head grouping."""
     skipped = []
     for name, kernel in REGISTERED.items():
-        if not kernel.auto:
+        if not kernel.auto or name in excluded:
             continue
         reason = kernel.info(q.device, q.dtype).reason or kernel.refusal(q, k, v, causal, mask)
         if reason is None:
@@ -400,15 +426,17 @@ def choose_attention(q, k, v, causal: bool = False, mask: torch.Tensor | None = 
             log.info("attention auto chose %s: %s", name, why)
             return AutoChoice(name, why)
         skipped.append(f"{name}: {reason}")
-    choice = _choose(q.device, q.dtype, q.shape[-1], mask is not None, q.shape[1] != k.shape[1], causal)
+    choice = _choose(q.device, q.dtype, q.shape[-1], mask is not None, q.shape[1] != k.shape[1], causal, excluded)
     return AutoChoice(choice.name, choice.reason + "".join(f"; skipped {why}" for why in skipped)) if skipped else choice
 
 
 @functools.lru_cache(maxsize=None)
-def _choose(device, dtype, head_dim, masked, gqa, causal) -> AutoChoice:
+def _choose(device, dtype, head_dim, masked, gqa, causal, excluded=frozenset()) -> AutoChoice:
     skipped = []
     for name in _AUTO_ORDER:
         reason = attention_info(name, device, dtype).reason
+        if reason is None and name in excluded:
+            reason = "raised on real inputs of this kind"
         if reason is None and name != "sdpa":
             reason = _probe(name, device, dtype, head_dim, masked, gqa, causal)
         if reason is None:
