@@ -2,11 +2,13 @@
 nothing else: both must add up to exactly what pyproject.toml says the studio needs to run."""
 
 import re
-import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
+
+tomllib = pytest.importorskip("tomllib", reason="reads pyproject.toml with Python 3.11's tomllib")
 
 ROOT = Path(__file__).resolve().parent.parent
 
