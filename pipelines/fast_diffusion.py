@@ -39,6 +39,7 @@ from studio import backends
 # autotuned kernels without inductor's own CUDA graphs, whose outputs the next call overwrites;
 # "max-autotune" or "reduce-overhead" add those graphs (which of them wins is for the benchmark to say)
 COMPILE_MODE = "max-autotune-no-cudagraphs"
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes whose compiled code replays CUDA graphs
 
 
 @dataclass
@@ -92,12 +93,17 @@ def _eager_on_failure(module, compiled_call, name: str, report: FastPathReport):
 
     def call(*args, **kwargs):
         try:
-            return compiled_call(*args, **kwargs)
+            out = compiled_call(*args, **kwargs)
         except Exception as error:  # any failure of the compiler; the eager module is still right
             text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             report.compile_errors.append(f"compiling the {name} failed ({text}); it runs uncompiled")
             module._compiled_call_impl = None
             return module._call_impl(*args, **kwargs)
+        if report.compile_mode in CUDA_GRAPH_MODES:
+            # a CUDA graph's outputs live in its static memory, which its next replay overwrites:
+            # sequential CFG calls the denoiser twice per step, and needs the first answer kept
+            out = out.clone() if isinstance(out, torch.Tensor) else type(out)(t.clone() for t in out)
+        return out
 
     return call
 

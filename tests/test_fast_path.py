@@ -382,6 +382,30 @@ def test_a_failing_compiled_model_falls_back_to_eager_and_says_so_once(monkeypat
     assert all(step.notice is None for step in generate_image(pipe).steps)  # told once, not retried
 
 
+def test_sequential_cfg_keeps_both_answers_of_a_cuda_graph_denoiser(monkeypatch):
+    """With a CUDA-graph compile mode the compiled call returns the same static buffers every
+    time, so sequential CFG's second call would overwrite the first's answer: it is copied out."""
+    plain = generate_image(studio_pipeline(tiny_sd_components(), fast_path=True), cfg_mode="sequential")
+
+    def compile_into_static_buffers(module, *args, **kwargs):  # what replaying a CUDA graph looks like
+        buffers = {}
+
+        def replay(*args, **kwargs):
+            out = module._call_impl(*args, **kwargs)
+            values = (out,) if isinstance(out, torch.Tensor) else out
+            kept = buffers.setdefault(tuple(v.shape for v in values), [v.clone() for v in values])
+            for buffer, value in zip(kept, values):
+                buffer.copy_(value)
+            return kept[0] if isinstance(out, torch.Tensor) else tuple(kept)
+
+        module._compiled_call_impl = replay
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_into_static_buffers)
+    pipe = studio_pipeline(tiny_sd_components(), fast_path=True)
+    enable_fast_path(pipe, compile=True, mode="reduce-overhead")
+    np.testing.assert_allclose(generate_image(pipe, cfg_mode="sequential").pixels, plain.pixels, atol=1e-5)
+
+
 def test_diffusion_fast_path_keeps_the_image_and_the_studio_attention():
     plain = generate_image(studio_pipeline(tiny_sd_components()))
     pipe = studio_pipeline(tiny_sd_components(), fast_path=True)  # the same seeded weights, then laid out for speed
