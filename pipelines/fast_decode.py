@@ -70,7 +70,7 @@ import torch
 from transformers import LlamaForCausalLM, Qwen2ForCausalLM, RepetitionPenaltyLogitsProcessor
 
 from studio import backends
-from studio.backends.precision import CAST_DTYPES
+from studio.backends.precision import CAST_DTYPES, cpu_weight_format
 from studio.cost import decoder_step_cost
 from studio.profiling import StepTimer
 
@@ -179,16 +179,6 @@ class StepSampler:
 
 # ---------------------------------------------------------------------------------------------
 # The decoder, its sessions and the captured step
-
-
-def cpu_weight_format(device: torch.device) -> tuple[str | None, str]:
-    """The matmul precision the fast path gives a model that has none of its own on `device`
-    (None: the model's own dtype), and why."""
-    if device.type != "cpu":
-        return None, f"on {device.type} the weights keep the model's own dtype"
-    if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported():
-        return "bf16", "this CPU multiplies bf16 in hardware (AMX or AVX512-BF16): bf16 weights, half the bytes of fp32"
-    return None, "this CPU has no bf16 matmul instructions (AMX, AVX512-BF16), so bf16 would be emulated: fp32 weights"
 
 
 class FastDecoder:

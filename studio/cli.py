@@ -32,6 +32,8 @@ def cmd_backends(args) -> int:
     for s in sources:  # installed plugin packages: what each registered, or why it failed to load
         status = f"FAILED to load: {s.error}" if s.error else f"loaded: {', '.join(s.backends) or 'registered nothing'}"
         print(f"{'plugin':<9} {s.name:<{width}}  {status} ({s.distribution or s.value})")
+    weights, reason = backends.cpu_weight_format(device)
+    print(f"\nthe LLM fast path's weights here: {weights or 'the model’s own dtype'} ({reason})")
     return 0
 
 

@@ -74,6 +74,16 @@ def precision_names() -> list[str]:
     return [*PRECISIONS, *REGISTERED]
 
 
+def cpu_weight_format(device: torch.device) -> tuple[str | None, str]:
+    """The weight format a model runs fastest in on `device` where it has no precision of its own
+    (None: the model's own dtype), and why: what the LLM fast path lays its weights out in."""
+    if device.type != "cpu":
+        return None, f"on {device.type} the weights keep the model's own dtype"
+    if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported():
+        return "bf16", "this CPU multiplies bf16 in hardware (AMX or AVX512-BF16): bf16 weights, half the bytes of fp32"
+    return None, "this CPU has no bf16 matmul instructions (AMX, AVX512-BF16), so bf16 would be emulated: fp32 weights"
+
+
 def check_name(name: str) -> None:
     if name not in PRECISIONS and name not in REGISTERED:
         raise BackendError(
