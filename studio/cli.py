@@ -60,6 +60,8 @@ def cmd_generate(args) -> int:
     )
     decode_ms, tokens = [], 0
     for ev in events:
+        if ev.notice:  # e.g. the fast path fell back: said once, on the terminal's error stream
+            print(f"\n[{ev.notice}]", file=sys.stderr)
         if ev.phase == "tokenize":
             print(f"[{len(ev.token_ids)} prompt tokens]", file=sys.stderr)
             print(args.prompt, end="", flush=True)
@@ -98,6 +100,8 @@ def cmd_imagine(args) -> int:
     )
     bar, run_ms, model_ms = None, 0.0, {}
     for ev in events:
+        if ev.notice:  # e.g. a compiled model fell back to eager: said once
+            print(f"[{ev.notice}]", file=sys.stderr)
         run_ms += ev.ms
         for name, timing in ev.parts.items():
             model_ms[name] = model_ms.get(name, 0.0) + timing.ms
