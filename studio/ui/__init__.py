@@ -91,7 +91,7 @@ class Models:
                 self._loaded[key] = load(name, device=device)
             return self._loaded[key]
 
-    def warm_up(self, device: str, background: bool = True) -> threading.Thread | None:
+    def warm_up(self, device: str) -> threading.Thread | None:
         """Load the default LLM and start compiling its fast-path decode step for a short request
         (batch 1, the smallest cache), so that the compile is off the first request's path."""
         name = next((n for n in self.llm_names if n != REMOTE), None)
@@ -107,9 +107,6 @@ class Models:
             if llm.fast_decoder is not None:
                 llm.fast_decoder.warm_up(batch=1, max_len=MIN_CACHE_LENGTH, background=True)
 
-        if not background:
-            warm()
-            return None
         self.warming = threading.Thread(target=warm, daemon=True, name=f"warm up {name}")
         self.warming.start()
         return self.warming

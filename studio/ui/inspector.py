@@ -36,10 +36,9 @@ def latest_measurements(device: torch.device) -> list[dict]:
 def roofline_figure(analysis, device: torch.device):
     """This device's roof, the config's workloads placed at their intensity on it (predicted), and the
     measured points of this machine's latest benchmark."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure of its own, not pyplot's: pyplot keeps every figure it made until closed, so each
+    # analysis would stay in memory for the life of the app
+    from matplotlib.figure import Figure
 
     ceilings = ceilings_for(device)
     dtype = analysis.dtype if analysis.dtype in ceilings.peak_flops else "fp32"
@@ -48,7 +47,8 @@ def roofline_figure(analysis, device: torch.device):
     intensities = [w.intensity for w in analysis.workloads] + [p["intensity"] for p in measured] + [0.1, 1e3]
     lo, hi = min(intensities) / 3, max(intensities) * 3
     xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     ax.plot(xs, [min(peak, x * bandwidth) / 1e12 for x in xs], lw=2,
             label=f"{ceilings.name} ({ceilings.source}): {peak / 1e12:.3g} TFLOP/s {dtype}, {bandwidth / 1e9:.0f} GB/s")
     for w in analysis.workloads:
