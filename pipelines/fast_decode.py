@@ -63,6 +63,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
+import types
 from time import perf_counter
 from typing import NamedTuple
 
@@ -227,12 +228,18 @@ class FastDecoder:
         if self.graph and not on_cuda:
             raise ValueError(f"CUDA graphs need a CUDA device; this model is on {self.device.type}")
         self.eager_forward = self.model.decode_logits
+        # torch.compile keeps what it compiled per code object, with guards that look into the
+        # module; a decoder of another layout (int8 wrappers, bf16 copies) meeting them makes torch
+        # 2.13 fail (KeyError) while it explains the recompile. Each decoder compiles its own copy.
+        own_copy = types.FunctionType(FastLlama.decode_logits.__code__.replace(), FastLlama.decode_logits.__globals__,
+                                      "decode_logits", FastLlama.decode_logits.__defaults__)
         # not fullgraph: a graph break (a precision wrapper setting a global flag, say) costs a
         # little speed, and the CUDA graph records the eager pieces between compiled ones too.
         # On the CPU, freezing lets oneDNN prepack the weights and cpp_wrapper drops the Python
         # between kernels; options= keeps both to this compile instead of inductor's global config.
         options = None if on_cuda else {"freezing": True, "cpp_wrapper": True}
-        self.compiled_forward = torch.compile(self.eager_forward, dynamic=False, options=options) if self.compile else None
+        compiled = types.MethodType(own_copy, self.model)
+        self.compiled_forward = torch.compile(compiled, dynamic=False, options=options) if self.compile else None
         self.compiled: dict[tuple[int, int], float] = {}  # (batch, cache length) -> seconds its compile took
         self.compile_error: str | None = None  # why compiling failed: the step then stays eager
         self.capture_error: str | None = None  # why capturing failed: the step then runs uncaptured
