@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny_models import LLM_FAMILIES, tiny_llm
 
+from pipelines.fast_decode import FastDecoder, unsupported_reason
 from pipelines.sampling import SamplingSettings
 from pipelines.speculative import self_draft_model
 from pipelines.text_generation import TextGenerationPipeline
@@ -17,7 +18,12 @@ PROMPT = "The cat sat on the mat. The cat sat"
 
 @pytest.fixture(scope="module", params=LLM_FAMILIES)
 def llm(request, tokenizer):
-    return TextGenerationPipeline(tiny_llm(request.param), tokenizer)
+    pipeline = TextGenerationPipeline(tiny_llm(request.param), tokenizer)
+    if unsupported_reason(pipeline.model) is None:
+        # the fast path, on by default, in the model's own dtype: transformers' tokens exactly (its
+        # default on a CPU with bf16 instructions, bf16 weights, is held to its agreement in test_fast_path)
+        pipeline.fast_decoder = FastDecoder(pipeline.model, weights=None)
+    return pipeline
 
 
 def stock_greedy(pipeline, prompts, max_new_tokens):
