@@ -125,6 +125,14 @@ def test_bad_input_gives_a_readable_message_and_the_app_keeps_serving(url, args,
     assert streamed_tokens(client.predict(*llm_args(max_tokens=2), api_name="/generate_text"))
 
 
+@pytest.mark.skipif(DIFFUSION is None or DIFFUSION == "fashion-dit", reason="needs a text-to-image default model")
+@pytest.mark.parametrize("prompt", ["a purple elephant riding a bicycle", ""])
+def test_a_text_to_image_model_paints_any_prompt_and_an_empty_one(url, models, prompt):
+    """An unknown name gets the model's best guess, an empty prompt an unconditional image."""
+    final = Client(url, verbose=False).predict(*image_args(prompt=prompt, steps=2), api_name="/generate_image")[2]
+    assert Image.open(final).size == models.diffusion(DIFFUSION, "cpu").default_size[::-1]
+
+
 def raw_call(url: str, api: str, body: str) -> tuple[str, object]:
     """POST a raw JSON body to /gradio_api/call/<api> and read the event stream: (event, data) of its end."""
     base = f"{url.rstrip('/')}/gradio_api/call/{api}"
@@ -225,9 +233,10 @@ def test_the_image_size_is_accepted_as_view_api_lists_it(url):
                  ["/generate_image"]["parameters"] if p["parameter_name"] == "side")
     assert "'32'" in sizes["python_type"]["type"]
     native = Image.open(client.predict(*image_args(steps=1), api_name="/generate_image")[2]).size
-    for size in ("64", 64):
+    other = 64 if native != (64, 64) else 32
+    for size in (str(other), other):
         final = client.predict(*image_args(steps=1, size=size), api_name="/generate_image")[2]
-        assert Image.open(final).size == (64, 64) != native
+        assert Image.open(final).size == (other, other) != native
 
 
 def test_the_default_llm_compiles_its_decode_step_off_the_first_requests_path(url, models):
@@ -340,6 +349,9 @@ def test_a_user_runs_both_lanes_in_a_browser(url, models, tmp_path):
 
     screenshots = SCREENSHOTS if os.environ.get("STUDIO_SCREENSHOTS") == "1" else tmp_path
     screenshots.mkdir(parents=True, exist_ok=True)
+    # the screenshots show the steady state: the decode step compiled and called once already
+    models.wait_for_compiles()
+    models.llm(LLM, "cpu")("The cat sat", max_new_tokens=2)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
         page = browser.new_page(viewport=FIRST_SCREEN)
@@ -368,7 +380,7 @@ def test_a_user_runs_both_lanes_in_a_browser(url, models, tmp_path):
             natural, shown, rendering = final.evaluate(
                 "i => [i.naturalWidth, i.getBoundingClientRect().width, getComputedStyle(i).imageRendering]")
             assert natural == models.diffusion(DIFFUSION, "cpu").default_size[1]
-            assert natural >= 256 or (shown >= 4 * natural and rendering == "pixelated")
+            assert natural >= 256 or (shown >= 3 * natural and rendering == "pixelated")
             # every thumbnail of the filmstrip loaded (none a broken-image icon)
             page.locator("#filmstrip").scroll_into_view_if_needed()
             page.wait_for_function("() => [...document.querySelectorAll('#filmstrip img')].every(i => i.complete)")
