@@ -1,9 +1,10 @@
 """Training the shipped LoRA adapters, one per lane, and measuring what each changes.
 
-    emoji-describer   for smollm2-135m: writes an emoji's CLDR name and keywords after the emoji
-                      ("🍕 pizza: cheese, pizza, slice"); trained on the English CLDR annotations
-                      (Debian unicode-cldr-core), measured by held-out perplexity on them and on
-                      general English (the GPL-3 text every Debian ships in /usr/share/common-licenses)
+    emoji-describer   for smollm2-135m: writes an emoji's CLDR keywords after its name ("pizza:" ->
+                      " cheese, slice"); trained on the English CLDR annotations (Debian
+                      unicode-cldr-core) with general English replayed beside them, measured by
+                      held-out perplexity on the annotations and on general English (the GPL-3 text
+                      every Debian ships in /usr/share/common-licenses, never trained on)
     symbola-outline   for emoji-sd: draws an emoji in the black outline style of the Symbola font
                       (Debian fonts-symbola) instead of Noto's colour; measured by a nearest-neighbour
                       judge between the Symbola and the Noto render of each prompted emoji
@@ -35,7 +36,10 @@ from studio.train import (
     record_in_manifest,
 )
 
-GENERAL_TEXT = Path("/usr/share/common-licenses/GPL-3")
+GENERAL_TEXT = Path("/usr/share/common-licenses/GPL-3")  # measured on, never trained on
+# general English replayed during training, so that the adapter learns its domain without
+# forgetting the rest: other licenses Debian ships (not the GPL family, which GPL-3 belongs to)
+REPLAY_TEXTS = [Path("/usr/share/common-licenses") / name for name in ("Apache-2.0", "MPL-2.0", "Artistic", "GFDL-1.3")]
 STEPS = {"emoji-describer": 300, "symbola-outline": 1500}
 BASES = {"emoji-describer": "smollm2-135m", "symbola-outline": "emoji-sd"}
 
@@ -45,7 +49,7 @@ BASES = {"emoji-describer": "smollm2-135m", "symbola-outline": "emoji-sd"}
 
 
 def emoji_lines(path: Path = CLDR_ANNOTATIONS) -> list[str]:
-    """One line per emoji of the English CLDR annotations: "<emoji> <short name>: <keywords>"."""
+    """One line per emoji of the English CLDR annotations: "<short name>: <other keywords>"."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: apt-get install unicode-cldr-core")
     names, keywords = {}, {}
@@ -57,8 +61,12 @@ def emoji_lines(path: Path = CLDR_ANNOTATIONS) -> list[str]:
             names[char] = text
         else:
             keywords[char] = [k.strip() for k in text.split("|")]
-    return [f"{char} {names[char]}: {', '.join(k for k in keywords[char] if k != names[char])}\n"
-            for char in names if char in keywords]
+    lines = {}
+    for char, name in names.items():
+        others = [k for k in keywords.get(char, []) if k != name]
+        if others:  # the same name (skin tones, say) keeps its first annotation
+            lines.setdefault(name, f"{name}: {', '.join(others)}\n")
+    return list(lines.values())
 
 
 def split(items: list, every: int = 10) -> tuple[list, list]:
@@ -66,12 +74,15 @@ def split(items: list, every: int = 10) -> tuple[list, list]:
     return [x for i, x in enumerate(items) if i % every], [x for i, x in enumerate(items) if not i % every]
 
 
-def general_windows(tokenizer, length: int = 128) -> list[list[int]]:
-    """General English (the GPL-3 text) as windows of `length` tokens."""
-    if not GENERAL_TEXT.is_file():
-        raise FileNotFoundError(f"{GENERAL_TEXT} is missing (it comes with Debian's base-files)")
-    ids = tokenizer(GENERAL_TEXT.read_text(), add_special_tokens=False)["input_ids"]
-    return [ids[i:i + length] for i in range(0, len(ids) - length, length)]
+def general_windows(tokenizer, files: list[Path], length: int = 128) -> list[list[int]]:
+    """General English (Debian's license texts) as windows of `length` tokens."""
+    windows = []
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing (it comes with Debian's base-files)")
+        ids = tokenizer(file.read_text(), add_special_tokens=False)["input_ids"]
+        windows += [ids[i:i + length] for i in range(0, len(ids) - length, length)]
+    return windows
 
 
 @torch.no_grad()
@@ -102,20 +113,23 @@ def train_emoji_describer(out: Path, steps: int, seed: int = 0) -> dict:
     tokenizer = llm.tokenizer
     train_lines, _ = split(emoji_lines())
     encoded = [tokenizer(line, add_special_tokens=False)["input_ids"] for line in train_lines]
-    # every linear layer of every block, rank 8: 4.9 M parameters, 3.6 % of the model
+    replay = general_windows(tokenizer, REPLAY_TEXTS, length=48)
+    # the attention projections of every block, rank 8: 1.8 M parameters, 1.4 % of the model
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     # peft's layers injected straight into the model (PeftModel's wrapper would add nothing here)
     model = inject_adapter_in_model(config, llm.model)
     for parameter_name, parameter in model.named_parameters():
         parameter.requires_grad = "lora_" in parameter_name
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
     curve, started = [], time.perf_counter()
     model.train()
     for step in range(steps):
         for group in optimizer.param_groups:  # warm up, then cosine down to a tenth
-            group["lr"] = 1e-3 * min(1.0, (step + 1) / 30) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
-        batch = [encoded[i] for i in torch.randint(len(encoded), (16,), generator=generator).tolist()]
+            group["lr"] = 5e-4 * min(1.0, (step + 1) / 30) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+        # twelve annotation lines and four windows of general English in every batch
+        batch = [encoded[i] for i in torch.randint(len(encoded), (12,), generator=generator).tolist()]
+        batch += [replay[i] for i in torch.randint(len(replay), (4,), generator=generator).tolist()]
         width = max(len(s) for s in batch)
         ids = torch.tensor([s + [tokenizer.pad_token_id or 0] * (width - len(s)) for s in batch])
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch])
@@ -140,12 +154,14 @@ def train_emoji_describer(out: Path, steps: int, seed: int = 0) -> dict:
     parameters = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     record_in_manifest(
         "emoji-describer", out, kind="llm-adapter", base=BASES["emoji-describer"], parameters=parameters,
-        architecture="LoRA rank 8 (alpha 16) on q/k/v/o and gate/up/down of all 30 blocks of SmolLM2-135M",
+        architecture="LoRA rank 8 (alpha 16) on q/k/v/o of all 30 blocks of SmolLM2-135M",
         training_data=f"{len(train_lines)} of the {len(train_lines) + len(split(emoji_lines())[1])} English CLDR emoji "
-                      "annotations, one line each: '<emoji> <name>: <keywords>' (every tenth held out)",
-        training_data_license="Unicode License v3 (CLDR annotations, Debian package unicode-cldr-core)",
+                      "annotations, one line each: '<name>: <keywords>' (every tenth held out), with general English "
+                      "(Debian's Apache-2.0, MPL-2.0, Artistic and GFDL-1.3 license texts) replayed beside them",
+        training_data_license="Unicode License v3 (CLDR annotations, Debian package unicode-cldr-core); the license "
+                              "texts' own terms (Debian package base-files)",
         source=f"trained by `studio train emoji-describer` ({steps} steps, batch 16, seed {seed})",
-        format="peft", example_prompt="🍕",
+        format="peft", example_prompt="pizza:",
     )
     return {"loss": curve, "seconds": time.perf_counter() - started}
 
@@ -160,7 +176,7 @@ def evaluate_emoji_describer(folder: Path) -> dict:
     name = llm.load_adapter(str(folder), name="emoji-describer")
     _, held_out = split(emoji_lines())
     domain = [llm.tokenizer(line, add_special_tokens=False)["input_ids"] for line in held_out]
-    general = general_windows(llm.tokenizer)
+    general = general_windows(llm.tokenizer, [GENERAL_TEXT])
     results = {"held_out_lines": len(domain), "general_windows": len(general)}
     for label, adapter in (("base", None), ("adapter", llm.adapters[name])):
         with attached({"model": llm.model}, adapter):
@@ -169,9 +185,9 @@ def evaluate_emoji_describer(folder: Path) -> dict:
     results["domain_change"] = results["adapter"]["domain_perplexity"] / results["base"]["domain_perplexity"] - 1
     results["general_change"] = results["adapter"]["general_perplexity"] / results["base"]["general_perplexity"] - 1
     samples = {}
-    for char in ("🍕", "🚀", "🐶", "☕"):
-        samples[char] = {label: llm(char, max_new_tokens=14, adapter=adapter, fast_path=False).text
-                         for label, adapter in (("base", None), ("adapter", name))}
+    for prompt in ("pizza:", "rocket:", "dog face:", "hot beverage:"):  # names the training lines hold too
+        samples[prompt] = {label: llm(prompt, max_new_tokens=12, adapter=adapter, fast_path=False, stop="\n").text
+                           for label, adapter in (("base", None), ("adapter", name))}
     results["samples"] = samples
     print(f"emoji-describer: domain perplexity {results['base']['domain_perplexity']:.1f} -> "
           f"{results['adapter']['domain_perplexity']:.1f} ({results['domain_change']:+.0%}), general "
