@@ -62,6 +62,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import threading
 import types
 from time import perf_counter
@@ -283,14 +284,25 @@ class FastDecoder:
         else:
             self._compile(*shape)
 
+    @property
+    def compiling(self) -> bool:
+        """Whether a background compile is running."""
+        return bool(self._compiling)
+
     def _compile(self, batch: int, max_len: int):
+        if threading.current_thread() is not threading.main_thread() and hasattr(os, "setpriority"):
+            # a background compile yields the CPU to the requests running eagerly meanwhile (Linux
+            # sets niceness per thread; inductor's compiler processes inherit it)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         model = self.model
         cache = StaticKVCache(len(model.layers), batch, model.kv_heads, max_len, model.head_dim, self.dtype, self.device)
-        token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        # the step's own inputs, separate tensors: compiled for one tensor passed twice, the first
+        # real call (token ids and positions apart) would fail a guard and compile again
+        token, position = (torch.zeros(batch, 1, dtype=torch.long, device=self.device) for _ in range(2))
         started = perf_counter()
         try:
             with torch.no_grad():
-                self.compiled_forward(token, token, torch.zeros(1, dtype=torch.long, device=self.device), cache)
+                self.compiled_forward(token, position, torch.zeros(1, dtype=torch.long, device=self.device), cache)
             self.compiled[(batch, max_len)] = perf_counter() - started
         except Exception as error:  # any failure of the compiler: the eager step is still right
             self.compile_error = f"compiling the decode step failed ({first_line(error)}); it runs uncompiled"

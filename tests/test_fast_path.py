@@ -454,3 +454,16 @@ def test_cuda_diffusion_fast_path_with_compile_stays_within_tolerance():
     seconds = warm_up(fast_pipe, height=SIZE, width=SIZE, guidance_scale=5.0)
     assert fast_pipe.fast_path_report.compile_s == seconds > 0
     np.testing.assert_allclose(generate_image(fast_pipe).pixels, plain.pixels, atol=2e-2)
+
+
+@pytest.mark.slow
+def test_a_shape_compiled_in_the_warm_up_does_not_compile_again_on_the_first_request(tokenizer):
+    from torch._dynamo.utils import counters
+
+    llm = TextGenerationPipeline(tiny_llm("llama"), tokenizer)
+    llm.fast_decoder = FastDecoder(llm.model, weights=None, compile="background")
+    llm.fast_decoder.warm_up(1, MIN_CACHE_LENGTH)  # what the app does at start (here in the foreground)
+    compiled = counters["stats"]["unique_graphs"]
+    out = llm(PROMPT, max_new_tokens=6)
+    assert counters["stats"]["unique_graphs"] == compiled  # the request found the step compiled as it needs it
+    assert not llm.fast_decoder.compiling and out.finish_reason == "length"

@@ -118,8 +118,7 @@ class Models:
             self.warming.join(timeout)
         deadline = time.monotonic() + timeout
         for llm in [m for (kind, *_), m in list(self._loaded.items()) if kind == "llm"]:
-            # FastDecoder says it only in its status line (no public flag yet)
-            while llm.fast_decoder is not None and "compiling in the background" in llm.fast_decoder.status():
+            while llm.fast_decoder is not None and llm.fast_decoder.compiling:
                 if time.monotonic() > deadline:
                     return
                 time.sleep(0.5)
