@@ -51,11 +51,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from studio import assets
 from studio.api_requests import APIError, ChatMessage, ChatRequest, CompletionRequest, SamplingRequest, parse_request
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL = assets.default_model("llm")  # the shipped default LLM (smollm2-135m)
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 # A probability that underflowed to 0 has no finite log and JSON has no -inf: report vLLM's floor.
 LOGPROB_FLOOR = -9999.0

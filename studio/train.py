@@ -388,7 +388,7 @@ def train_emoji(out: Path, vae_steps: int, unet_steps: int, device: torch.device
                               "Unicode License v3 (CLDR annotations, Debian package unicode-cldr-core)",
         source=f"trained from scratch by `studio train emoji-sd` ({vae_steps} VAE steps, {unet_steps} UNet steps, "
                f"seed {seed})",
-        example_prompt="red apple",
+        example_prompt="red apple", example_prompts=["rocket", "dog face", "slice of pizza", "rainbow", "grinning face"],
     )
     return {"vae": vae_curve, "unet": unet_curve}
 
@@ -433,6 +433,7 @@ def train_fashion(out: Path, vae_steps: int, dit_steps: int, device: torch.devic
         training_data_license="MIT (Zalando Research, Debian package dataset-fashion-mnist)",
         source=f"trained from scratch by `studio train fashion-dit` ({vae_steps} VAE steps, {dit_steps} DiT steps, "
                f"seed {seed})",
+        example_prompt="sneaker", example_prompts=["dress", "bag", "ankle boot", "trouser", "pullover"],
     )
     return {"vae": vae_curve, "dit": dit_curve}
 
