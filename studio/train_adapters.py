@@ -40,7 +40,7 @@ GENERAL_TEXT = Path("/usr/share/common-licenses/GPL-3")  # measured on, never tr
 # general English replayed during training, so that the adapter learns its domain without
 # forgetting the rest: other licenses Debian ships (not the GPL family, which GPL-3 belongs to)
 REPLAY_TEXTS = [Path("/usr/share/common-licenses") / name for name in ("Apache-2.0", "MPL-2.0", "Artistic", "GFDL-1.3")]
-STEPS = {"emoji-describer": 300, "symbola-outline": 1500}
+STEPS = {"emoji-describer": 300, "symbola-outline": 3000}
 BASES = {"emoji-describer": "smollm2-135m", "symbola-outline": "emoji-sd"}
 
 
@@ -203,8 +203,13 @@ def evaluate_emoji_describer(folder: Path) -> dict:
 def symbola_dataset() -> tuple[torch.Tensor, torch.Tensor, list[str], list[list[str]]]:
     """The emoji-sd training emoji that Symbola draws too: their Symbola renders, their Noto
     renders, names and keywords (the same captions the base model learned)."""
+    from fontTools.ttLib import TTFont  # matplotlib's dependency: reads which characters a font has
+
     images, names, keywords = base_training.emoji_dataset()
-    outline, outline_names = base_training.emoji_glyphs(SYMBOLA_FONT, codepoints=base_training.emoji_subset())
+    # Symbola draws a box with a question mark for what it lacks: only the emoji it has, by its cmap
+    covered = TTFont(str(SYMBOLA_FONT)).getBestCmap()
+    codepoints = [c for c in base_training.emoji_subset() if c in covered]
+    outline, outline_names = base_training.emoji_glyphs(SYMBOLA_FONT, codepoints=codepoints)
     keep = [names.index(name) for name in outline_names]
     return outline, images[keep], outline_names, [keywords[i] for i in keep]
 
@@ -221,9 +226,11 @@ def train_symbola_outline(out: Path, steps: int, seed: int = 0) -> dict:
     outline, _, names, keywords = symbola_dataset()
     latents = base_training.latent_means(pipe.vae, outline) * pipe.vae.config.scaling_factor
     unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder.eval(), pipe.tokenizer
-    # A style lives in the convolutions as much as in the attention: LoRA on both, rank 8.
-    config = LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
-                        target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"])
+    # A style lives in the convolutions as much as in the attention: LoRA on both, rank 16, and on
+    # the convolutions in and out of the latent, where colour is decided
+    config = LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
+                        target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj",
+                                        "conv_in", "conv_out", "proj_in", "proj_out"])
     unet.requires_grad_(False)
     text_encoder.requires_grad_(False)
     unet.add_adapter(config)
@@ -262,8 +269,8 @@ def train_symbola_outline(out: Path, steps: int, seed: int = 0) -> dict:
     parameters = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
     record_in_manifest(
         "symbola-outline", out, kind="diffusion-adapter", base=BASES["symbola-outline"], parameters=parameters,
-        architecture="LoRA rank 8 on emoji-sd's UNet: the attention projections, every ResNet convolution and "
-                     "time-embedding projection",
+        architecture="LoRA rank 16 on emoji-sd's UNet: the attention projections, every ResNet convolution and "
+                     "time-embedding projection, the convolutions in and out of the latent",
         training_data=f"{len(names)} of emoji-sd's training emoji rendered in the Symbola font (black outlines) "
                       "at 64x64, with emoji-sd's captions",
         training_data_license="Symbola font: free for any use (Debian package fonts-symbola); CLDR annotations: "
