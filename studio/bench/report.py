@@ -254,14 +254,14 @@ def plot(data: dict, out: Path) -> dict[str, Path]:
     markers = {"prefill": "o", "decode": "v", "denoise step": "s", "vae decode": "D"}
     for p in points:
         ax.scatter(p["intensity"], p["tflop_s"], marker=markers.get(p["workload"], "o"), s=70, zorder=3,
-                   label=f"{p['lane']}: {p['workload']} ({p['model']})")
+                   label=f"{p['lane']}: {p['workload']} ({p['model']}), {p['dtype']}")
     for r in tables["attention"]:
         if r["status"] == "ok":
             elem = {"fp32": 4, "bf16": 2, "fp16": 2}[r["dtype"]]
             flops = 4 * r["batch"] * r["heads"] * r["head_dim"] * r["seq"] * (r["seq"] + 1) / 2
             nbytes = 4 * r["batch"] * r["heads"] * r["seq"] * r["head_dim"] * elem
             ax.scatter(flops / nbytes, r["tflop_s"], marker="x", s=30, color="grey", zorder=2)
-            ax.annotate(r["kernel"], (flops / nbytes, r["tflop_s"]), fontsize=6, color="grey")
+            ax.annotate(f"{r['kernel']} {r['dtype']}", (flops / nbytes, r["tflop_s"]), fontsize=6, color="grey")
     roofline_axes(ax, f"Both lanes on the roofline of {ceilings['name']}")
     fig.tight_layout()
     paths["png:roofline"] = out / "roofline.png"
