@@ -270,7 +270,8 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every `studio` command and its options."""
     parser = argparse.ArgumentParser(prog="studio", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -388,8 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", action="append", help="a model the API serves, by the name it is loaded with "
                    "(repeatable; default: smollm2-135m)")
     p.set_defaults(run=cmd_serve)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.run(args)
