@@ -1,7 +1,8 @@
 """The shipped default models: `assets/manifest.json` lists them, and `resolve` turns a model's
 name into a local folder that transformers or diffusers loads offline. `default_model` says which
-one the app, the CLI and the examples start with, and `operator_models` reads the models an
-operator adds to the app's allow-list (STUDIO_MODELS).
+one the app, the CLI and the examples start with, and `operator_models` / `operator_adapters`
+read the models and LoRA adapters an operator adds to the app's allow-list (STUDIO_MODELS,
+STUDIO_ADAPTERS).
 
 Every shipped file is checked against the sha256 in the manifest before it is first used in a
 process, so a missing or damaged file is reported with the command that restores it instead of
@@ -143,22 +144,59 @@ def operator_models(value: str | None = None) -> dict[str, list[str]]:
     separators are ignored. Raises ValueError naming what is wrong.
     """
     value = os.environ.get("STUDIO_MODELS", "") if value is None else value
+    example = 'e.g. STUDIO_MODELS="llm=HuggingFaceTB/SmolLM2-1.7B-Instruct;diffusion=stabilityai/sd-turbo,/data/my-sd"'
     models: dict[str, list[str]] = {}
-    for group in filter(None, (g.strip() for g in value.split(";"))):
-        lane, equals, names = (part.strip() for part in group.partition("="))
-        if not equals or lane not in KINDS:
-            raise ValueError(
-                f"STUDIO_MODELS: {group!r} is not lane=model[,model...] with a lane of {', '.join(KINDS)}; "
-                'e.g. STUDIO_MODELS="llm=HuggingFaceTB/SmolLM2-1.7B-Instruct;diffusion=stabilityai/sd-turbo,/data/my-sd"'
-            )
-        for name in filter(None, (n.strip() for n in names.split(","))):
+    for lane, names in _groups(value, "STUDIO_MODELS", "lane=model[,model...]", example):
+        if lane not in KINDS:
+            raise ValueError(f"STUDIO_MODELS: {lane!r} is not lane=model[,model...] with a lane of {', '.join(KINDS)}; "
+                             f"{example}")
+        for name in names:
             if name.startswith(("/", ".", "~")):
-                name = str(Path(name).expanduser())
-                if not Path(name).is_dir():
-                    raise ValueError(f"STUDIO_MODELS: the {lane} folder {name} does not exist")
+                name = _folder(name, f"STUDIO_MODELS: the {lane} folder")
             if name not in models.setdefault(lane, []):
                 models[lane].append(name)
     return models
+
+
+def operator_adapters(value: str | None = None) -> dict[str, list[str]]:
+    """The LoRA adapters an operator offers in the app, per base model, from STUDIO_ADAPTERS (or `value`):
+
+        STUDIO_ADAPTERS="smollm2-135m=/data/my-peft-lora;emoji-sd=/data/my-style-lora,./other-lora"
+
+    `base=folder,folder` groups separated by `;`: the base is one of the app's models as its model
+    list names it (a shipped name, or a model of STUDIO_MODELS as written there), each folder a
+    local adapter folder (peft's for an LLM, diffusers' save_lora_weights for a diffusion model),
+    which must exist. The app offers an adapter only with its base, and never loads one named by
+    the browser. Raises ValueError naming what is wrong.
+    """
+    value = os.environ.get("STUDIO_ADAPTERS", "") if value is None else value
+    example = 'e.g. STUDIO_ADAPTERS="smollm2-135m=/data/my-peft-lora;emoji-sd=/data/my-style-lora"'
+    adapters: dict[str, list[str]] = {}
+    for base, folders in _groups(value, "STUDIO_ADAPTERS", "base=folder[,folder...]", example):
+        for folder in folders:
+            folder = _folder(folder, f"STUDIO_ADAPTERS: the adapter folder of {base}")
+            if folder not in adapters.setdefault(base, []):
+                adapters[base].append(folder)
+    return adapters
+
+
+def _groups(value: str, variable: str, form: str, example: str) -> list[tuple[str, list[str]]]:
+    """`key=item,item;key=item` as [(key, [items])], spaces around the separators ignored."""
+    groups = []
+    for group in filter(None, (g.strip() for g in value.split(";"))):
+        key, equals, items = (part.strip() for part in group.partition("="))
+        if not equals or not key:
+            raise ValueError(f"{variable}: {group!r} is not {form}; {example}")
+        groups.append((key, [item for item in (i.strip() for i in items.split(",")) if item]))
+    return groups
+
+
+def _folder(path: str, what: str) -> str:
+    """A local folder an operator named (`~` expanded); it must exist."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"{what} {folder} does not exist")
+    return str(folder)
 
 
 def resolve(name_or_path: str, manifest: str | Path | None = None) -> str:

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import httpx
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from gradio_client import Client
 from PIL import Image
+from test_adapters import lora_folder, save_peft_adapter  # noqa: F401 (lora_folder: a fixture, used by name)
 from tiny_models import byte_tokenizer, stock_sd, tiny_llm, tiny_sd_components
 
 from pipelines import LatentDiffusionPipeline, TextGenerationPipeline
@@ -54,14 +56,17 @@ def reference_llm(models):
     return models.llm(LLM, "cpu")
 
 
-def llm_args(prompt="The cat sat", max_tokens=6, seed=0, temperature=0.0, model=LLM):
-    # model, prompt, format, max tokens, temperature, top-k, top-p, seed, KV cache, speculative, shared...
-    return [model, prompt, "completion", max_tokens, temperature, 0, 1, seed, True, "off", *SHARED]
+def llm_args(prompt="The cat sat", max_tokens=6, seed=0, temperature=0.0, model=LLM, adapter="none", compare=False):
+    # model, prompt, format, max tokens, temperature, top-k, top-p, seed, KV cache, speculative, adapter,
+    # compare, shared...
+    return [model, prompt, "completion", max_tokens, temperature, 0, 1, seed, True, "off", adapter, compare, *SHARED]
 
 
-def image_args(prompt=DIFFUSION_PROMPT, steps=4, seed=0, size="model's own", model=DIFFUSION):
-    # model, prompt, negative, steps, guidance, scheduler, CFG mode, seed, size, shared...
-    return [model, prompt, "", steps, 5.0, "euler", "batched", seed, size, *SHARED]
+def image_args(prompt=DIFFUSION_PROMPT, steps=4, seed=0, size="model's own", model=DIFFUSION, adapter="none",
+               adapter_scale=1.0, compare=False):
+    # model, prompt, negative, steps, guidance, scheduler, CFG mode, seed, size, adapter, adapter scale, compare,
+    # shared...
+    return [model, prompt, "", steps, 5.0, "euler", "batched", seed, size, adapter, adapter_scale, compare, *SHARED]
 
 
 def streamed_tokens(update) -> str:
@@ -151,15 +156,15 @@ def raw_call(url: str, api: str, body: str) -> tuple[str, object]:
 
 def raw_llm(**changes) -> str:
     """/generate_text's JSON body with some arguments replaced by raw JSON text (NaN, a lone surrogate)."""
-    args = dict(zip(["model", "prompt", "format", "max", "temperature", "top_k", "top_p", "seed", "cache", "spec"],
-                    [json.dumps(a) for a in llm_args(max_tokens=2)]))
+    args = dict(zip(["model", "prompt", "format", "max", "temperature", "top_k", "top_p", "seed", "cache", "spec",
+                     "adapter", "compare"], [json.dumps(a) for a in llm_args(max_tokens=2)]))
     args.update(changes)
     return '{"data": [' + ", ".join(list(args.values()) + [json.dumps(a) for a in SHARED]) + "]}"
 
 
 def raw_image(**changes) -> str:
-    args = dict(zip(["model", "prompt", "negative", "steps", "guidance", "scheduler", "cfg", "seed", "size"],
-                    [json.dumps(a) for a in image_args(steps=2)]))
+    args = dict(zip(["model", "prompt", "negative", "steps", "guidance", "scheduler", "cfg", "seed", "size", "adapter",
+                     "adapter_scale", "compare"], [json.dumps(a) for a in image_args(steps=2)]))
     args.update(changes)
     return '{"data": [' + ", ".join(list(args.values()) + [json.dumps(a) for a in SHARED]) + "]}"
 
@@ -189,6 +194,13 @@ LLAMA = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_
         pytest.param("generate_image", raw_image(seed="NaN"), "seed must be a whole number .*; got NaN",
                      marks=needs_diffusion),
         pytest.param("generate_image", raw_image(size='"100"'), "image size must be one of: model's own, 32, 64",
+                     marks=needs_diffusion),
+        ("generate_text", raw_llm(adapter='"/etc"'), "adapter must be one of: none"),
+        ("generate_text", raw_llm(compare="true"), "compare runs the prompt with and without a LoRA adapter: choose"),
+        ("generate_text", raw_llm(compare='"yes"'), 'compare must be true or false; got "yes"'),
+        pytest.param("generate_image", raw_image(adapter_scale="2"), "adapter scale must be a number from 0 to 1.5",
+                     marks=needs_diffusion),
+        pytest.param("generate_image", raw_image(adapter='"/tmp"'), "adapter must be one of: none",
                      marks=needs_diffusion),
         ("inspect", pasted({**LLAMA, "hidden_size": 1e12}), "hidden_size must be a whole number from 0 to"),
         ("inspect", pasted({**LLAMA, "hidden_size": -64}), "hidden_size must be a whole number .*; got -64"),
@@ -321,6 +333,128 @@ def test_a_fast_path_failure_is_told_once_in_the_counters(operator_folders, monk
         app.close()
 
 
+@pytest.fixture(scope="module")
+def adapter_app(operator_folders, lora_folder):  # noqa: F811 (the fixture imported above)
+    """The app with the tiny models added by STUDIO_MODELS and an adapter for each by STUDIO_ADAPTERS:
+    a peft LoRA for the tiny LLM, a diffusers LoRA for the tiny SD (and a copy of the peft one that
+    no one listed). Yields the client, the models and the folders by name."""
+    root = operator_folders
+    with warnings.catch_warnings():  # peft calls a transformers method transformers 5.24 deprecates
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        peft = str(save_peft_adapter(root / "my-lora"))
+    folders = {"llm": str(root / "my-llm"), "sd": str(root / "my-sd"), "peft": peft, "lora": str(lora_folder),
+               "unlisted": str(root / "unlisted-lora")}
+    shutil.copytree(folders["peft"], folders["unlisted"])
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("STUDIO_MODELS", f"llm={folders['llm']};diffusion={folders['sd']}")
+        env.setenv("STUDIO_ADAPTERS", f"{folders['llm']}={folders['peft']};{folders['sd']}={folders['lora']}")
+        models = Models()
+    app = build_app(models, warm_up=False)
+    try:
+        yield Client(launch(app), verbose=False), models, folders
+    finally:
+        models.wait_for_compiles()
+        app.close()
+
+
+def shipped_adapters(kind: str, base: str | None) -> list[str]:
+    manifest = assets.load_manifest()
+    return [name for name in assets.list_models(f"{kind}-adapter") if manifest[name].base == base]
+
+
+def test_an_adapter_is_offered_only_with_its_base_model_and_never_by_a_path_from_the_browser(adapter_app):
+    client, models, folders = adapter_app
+    assert models.adapter_names("llm", folders["llm"]) == [folders["peft"]]
+    assert models.adapter_names("diffusion", folders["sd"]) == [folders["lora"]]
+    assert models.adapter_names("llm", LLM) == shipped_adapters("llm", LLM)  # the operator's is not its
+    refused = [
+        llm_args(model=LLM, adapter=folders["peft"]),  # an adapter of another model
+        llm_args(model=folders["llm"], adapter=folders["lora"]),  # the diffusion model's
+        llm_args(model=folders["llm"], adapter=folders["unlisted"]),  # a folder no one listed
+        llm_args(model=folders["llm"], adapter="/etc"),
+        llm_args(model=folders["llm"], adapter="emoji-describer"),  # a shipped name, for another base
+    ]
+    for args in refused:
+        with pytest.raises(Exception, match="adapter must be one of: none"):
+            client.predict(*args, api_name="/generate_text")
+    with pytest.raises(Exception, match="adapter must be one of: none"):
+        client.predict(*image_args(model=folders["sd"], adapter=folders["peft"]), api_name="/generate_image")
+    assert models.llm(folders["llm"], "cpu").adapters == {}  # nothing was loaded
+
+
+def test_the_llm_lane_runs_an_adapter_and_compares_it_with_the_base_token_by_token(adapter_app):
+    from studio.ui import render
+
+    client, models, folders = adapter_app
+    got = client.predict(*llm_args(model=folders["llm"], adapter=folders["peft"], compare=True, max_tokens=8),
+                         api_name="/generate_text")
+    reference = TextGenerationPipeline.from_pretrained(folders["llm"], device="cpu")
+    reference.load_adapter(folders["peft"], name="lora")
+    adapted = reference("The cat sat", max_new_tokens=8, adapter="lora")
+    without = reference("The cat sat", max_new_tokens=8, fast_path=False)
+    assert [item["token"] for item in got[1]] == [ev.text or "·" for ev in adapted.steps if ev.token_id is not None]
+    first = render.first_divergence(without.steps, adapted.steps)
+    comparison = got[-1]
+    assert (f"they part at token {first + 1}" if first is not None else "the same 8 tokens") in comparison
+    assert comparison.count("<tr class=") == 8 and "top 5 without" in comparison
+    assert f"LoRA adapter **{folders['peft']}**" in got[4] and "plain loop" in got[4]
+    loaded = models.llm(folders["llm"], "cpu").adapters[folders["peft"]]
+    again = client.predict(*llm_args(model=folders["llm"], adapter=folders["peft"], max_tokens=8),
+                           api_name="/generate_text")
+    assert again[1] == got[1] and again[-1] == ""  # no comparison asked for
+    assert models.llm(folders["llm"], "cpu").adapters[folders["peft"]] is loaded  # loaded once
+    base = client.predict(*llm_args(model=folders["llm"], max_tokens=8), api_name="/generate_text")
+    assert "LoRA adapter" not in base[4]
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def test_the_diffusion_lane_runs_an_adapter_and_compares_both_images_and_filmstrips(adapter_app):
+    client, _, folders = adapter_app
+    got = client.predict(*image_args(model=folders["sd"], prompt="a red apple", steps=3, adapter=folders["lora"],
+                                     adapter_scale=0.5, compare=True), api_name="/generate_image")
+    final, image_without, image_with, strip_without, strip_with = got[2], *got[-4:]
+    reference = LatentDiffusionPipeline.from_pretrained(folders["sd"], device="cpu")
+    reference.load_adapter(folders["lora"], name="style")
+    settings = dict(steps=3, guidance_scale=5.0, scheduler="euler", seed=0)
+    adapted = np.asarray(reference("a red apple", adapter="style", adapter_scale=0.5, **settings).image).astype(int)
+    without = np.asarray(reference("a red apple", **settings).image).astype(int)
+    assert np.abs(pixels(final) - adapted).max() <= 1 and np.abs(pixels(image_with) - adapted).max() <= 1
+    assert np.abs(pixels(image_without) - without).max() <= 1 and np.abs(adapted - without).max() > 1
+    assert [frame["caption"] for frame in strip_without] == ["step 1", "step 2", "step 3"]
+    assert all(re.fullmatch(rf"step {i} Δ\d+", frame["caption"]) for i, frame in enumerate(strip_with, 1))
+    assert f"LoRA adapter **{folders['lora']}**" in got[4]
+
+
+def test_the_inspector_reports_a_listed_adapter_against_its_base(adapter_app):
+    client, _, folders = adapter_app
+    for adapter, targets in ((folders["peft"], {"q_proj", "v_proj"}), (folders["lora"], {"to_q", "conv1", "q_proj"})):
+        summary, table, _ = client.predict(adapter, "", "cpu", api_name="/inspect")
+        assert "a LoRA adapter (rank" in summary and "% of the base's" in summary
+        assert targets <= {row[1] for row in table["data"]}
+    with pytest.raises(Exception, match="not in the list of choices"):
+        client.predict(folders["unlisted"], "", "cpu", api_name="/inspect")
+
+
+@pytest.mark.parametrize("kind", ["llm", "diffusion"])
+def test_a_shipped_adapter_runs_with_its_base_model_in_the_app(url, models, kind):
+    """Once a shipped adapter is in the manifest, its base model's lane offers it and compares it."""
+    base = LLM if kind == "llm" else DIFFUSION
+    shipped = shipped_adapters(kind, base)
+    if not shipped:
+        pytest.skip(f"no shipped {kind} adapter for {base} in assets/manifest.json yet")
+    client = Client(url, verbose=False)
+    if kind == "llm":
+        got = client.predict(*llm_args(adapter=shipped[0], compare=True, max_tokens=6), api_name="/generate_text")
+        assert "<tr class=" in got[-1]
+        assert streamed_tokens(got) == models.llm(LLM, "cpu")("The cat sat", max_new_tokens=6, adapter=shipped[0]).text
+    else:
+        got = client.predict(*image_args(adapter=shipped[0], compare=True, steps=2), api_name="/generate_image")
+        assert len(got[-1]) == len(got[-2]) == 2
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -395,6 +529,27 @@ def test_a_user_runs_both_lanes_in_a_browser(url, models, tmp_path):
             assert page.get_by_text(label, exact=True).first.is_visible(), label
         page.screenshot(path=str(screenshots / "studio-settings.png"), full_page=True)
 
+        # a shipped adapter of a default model, compared with the model alone (once one ships)
+        compared = [lane for lane, default in (("llm", LLM), ("diffusion", DIFFUSION)) if shipped_adapters(lane, default)]
+        for accordion in page.get_by_text(re.compile(r"^settings: ")).all() if compared else []:
+            accordion.click()  # closed again
+        for lane in compared:
+            choose(page, f"#{lane}-adapter", models.adapter_names(lane, LLM if lane == "llm" else DIFFUSION)[0])
+            page.locator(f"#{lane}-compare-toggle input").check()
+        if compared:
+            page.get_by_role("button", name="Run both").click()
+            if "llm" in compared:
+                page.locator("#llm-compare tbody tr").nth(23).wait_for(timeout=240_000)
+            if "diffusion" in compared:
+                page.wait_for_function("() => document.querySelectorAll('#filmstrip-with img').length == 20",
+                                       timeout=240_000)
+            for strip in ("#filmstrip-without", "#filmstrip-with", "#filmstrip")[: 3 if "diffusion" in compared else 0]:
+                page.locator(strip).scroll_into_view_if_needed()
+                page.wait_for_function(f"() => [...document.querySelectorAll('{strip} img')]"
+                                       ".every(i => i.complete && i.naturalWidth > 0)")
+            page.wait_for_timeout(3000)
+            page.screenshot(path=str(screenshots / "studio-compare.png"), full_page=True)
+
         page.get_by_role("tab", name="Inspector").click()
         page.get_by_role("button", name="Analyse").click()
         page.get_by_text("H100 SXM").first.wait_for(timeout=120_000)  # the predictions table (this tab only)
@@ -406,4 +561,44 @@ def test_a_user_runs_both_lanes_in_a_browser(url, models, tmp_path):
             page.wait_for_timeout(500)
             page.screenshot(path=str(screenshots / f"{tab.lower()}.png"), full_page=True)
         assert page.get_by_text("sdpa-cudnn").count() >= 1  # the backends table rendered
+        browser.close()
+
+
+def choose(page, dropdown: str, option: str) -> list[str]:
+    """Pick `option` in a dropdown by clicking, as a user does; the options it listed."""
+    page.locator(f"{dropdown} input").click()
+    listed = page.locator(dropdown).get_by_role("option").evaluate_all(
+        "options => options.map(o => o.getAttribute('aria-label'))")
+    page.locator(dropdown).get_by_role("option", name=option, exact=True).click()
+    return listed
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make test installs it when run as root)")
+def test_a_user_compares_an_adapter_with_the_base_model_in_a_browser(adapter_app, tmp_path):
+    """Choosing a model lists its adapters (and only its own); compare shows the token table with
+    its first divergence and both filmstrips after Run both."""
+    from playwright.sync_api import sync_playwright
+
+    client, models, folders = adapter_app
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        page = browser.new_page(viewport=FIRST_SCREEN)
+        page.goto(client.src)
+        page.get_by_text("Run a lane to see its stages here.").wait_for()
+        lanes = (("llm", models.llm_names[0], folders["llm"], folders["peft"]),
+                 ("diffusion", models.diffusion_names[0], folders["sd"], folders["lora"]))
+        for lane, default, model, adapter in lanes:
+            assert choose(page, f"#{lane}-adapter", "none") == ["none"] + models.adapter_names(lane, default)
+            choose(page, f"#{lane}-model", model)
+            page.wait_for_timeout(500)  # the adapter choices follow the model
+            assert choose(page, f"#{lane}-adapter", adapter) == ["none", adapter]
+            page.locator(f"#{lane}-compare-toggle input").check()
+        page.get_by_role("button", name="Run both").click()
+        page.get_by_text("they part at token").or_(page.get_by_text("the same 24 tokens")).wait_for(timeout=180_000)
+        page.get_by_text(re.compile(r"VAE decode [\d.]+ ms")).first.wait_for(timeout=180_000)
+        page.wait_for_function("() => document.querySelectorAll('#filmstrip-with img').length == 20", timeout=60_000)
+        assert page.locator("#llm-compare tbody tr").count() == 24  # max new tokens' default
+        assert page.locator("#llm-compare tr.diverge").count() <= 1
+        assert page.locator("#image-without img").first.is_visible() and page.locator("#image-with img").first.is_visible()
+        page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
         browser.close()

@@ -191,3 +191,105 @@ def test_the_filmstrip_writes_each_frame_once_under_its_own_name(tmp_path):
     assert Path(first[0][0]).stat().st_mtime_ns == written
     assert Image.open(frames[1][0]).size == (128, 128)  # enlarged with square pixels for the thumbnail
     assert not list(strip.folder.glob("*.tmp"))
+
+
+def token_steps(chosen: list[tuple[int, str]], adapter=None):
+    """Generated-token events: each (id, text) chosen with probability 0.5, the top two listed."""
+    from pipelines.generation import TokenStep
+
+    return [TokenStep(phase="prefill" if i == 0 else "decode", index=i, token_id=token, text=text,
+                      logprob=math.log(0.5), top=[(text, token, 0.5), ("other", 999, 0.2)], adapter=adapter)
+            for i, (token, text) in enumerate(chosen)]
+
+
+def test_the_comparison_finds_where_the_adapter_first_changes_the_chosen_token():
+    without = token_steps([(1, " pizza"), (2, ":"), (3, " the"), (4, " end")])
+    adapted = token_steps([(1, " pizza"), (2, ":"), (5, " cheese"), (6, ",")], adapter="emoji-describer")
+    assert render.first_divergence(without, adapted) == 2
+    assert render.first_divergence(without, without) is None
+    assert render.first_divergence(without[:2], adapted) is None  # the first run has not got that far yet
+    table = render.token_comparison(without, adapted, "emoji-describer", k=2)
+    assert "they part at token 3" in table and "&#x27;&nbsp;the&#x27;" in table and "&#x27;&nbsp;cheese&#x27;" in table
+    assert [row.split('"')[0] for row in table.split('<tr class="')[1:]] == ["same", "same", "diverge", "apart"]
+    assert "top 2 without" in table and "<b>&#x27;&nbsp;pizza&#x27; 50%</b>" in table  # the other run's choice
+    assert "the same 2 tokens so far" in render.token_comparison(without[:2], adapted[:2], "emoji-describer")
+
+
+def test_the_pixel_difference_of_two_previews():
+    from PIL import Image
+
+    black, grey = Image.new("RGB", (4, 4)), Image.new("L", (4, 4), 51)
+    assert render.pixel_difference(black, grey) == pytest.approx(51)
+    assert render.pixel_difference(grey, grey) == 0
+
+
+def test_counters_name_the_adapter_that_ran(events):
+    import dataclasses
+
+    adapted = [dataclasses.replace(ev, adapter="emoji-describer") for ev in events]
+    assert "LoRA adapter **emoji-describer**" in render.llm_counters(adapted, ceilings_for("cpu"), torch.float32)
+    assert "LoRA adapter" not in render.llm_counters(events, ceilings_for("cpu"), torch.float32)
+
+
+def test_an_adapter_is_offered_only_with_its_base_model(tmp_path):
+    import json
+
+    from studio import assets
+    from studio.ui import adapter_allow_list
+
+    manifest = json.loads(assets.MANIFEST.read_text())
+    shipped = [dict(manifest["models"][0], name="emoji-describer", kind="llm-adapter", base="smollm2-135m"),
+               dict(manifest["models"][0], name="symbola-outline", kind="diffusion-adapter", base="emoji-sd")]
+    (tmp_path / "manifest.json").write_text(json.dumps({"models": manifest["models"] + shipped}))
+    extra = {"smollm2-135m": ["/data/my-lora"], "/data/my-llm": ["/data/other-lora"]}
+    assert adapter_allow_list("llm", "smollm2-135m", extra, tmp_path / "manifest.json") == [
+        "emoji-describer", "/data/my-lora"]
+    assert adapter_allow_list("llm", "/data/my-llm", extra, tmp_path / "manifest.json") == ["/data/other-lora"]
+    assert adapter_allow_list("diffusion", "emoji-sd", {}, tmp_path / "manifest.json") == ["symbola-outline"]
+    assert adapter_allow_list("diffusion", "fashion-dit", extra, tmp_path / "manifest.json") == []
+
+
+def test_studio_adapters_adds_adapter_folders_per_base_model(tmp_path):
+    from studio import assets
+
+    for name in ("lora-a", "lora-b"):
+        (tmp_path / name).mkdir()
+    parsed = assets.operator_adapters(f" smollm2-135m = {tmp_path / 'lora-a'} , {tmp_path / 'lora-b'} ; "
+                                      f"emoji-sd={tmp_path / 'lora-a'};")
+    assert parsed == {"smollm2-135m": [str(tmp_path / "lora-a"), str(tmp_path / "lora-b")],
+                      "emoji-sd": [str(tmp_path / "lora-a")]}
+    assert assets.operator_adapters("") == {}
+    with pytest.raises(ValueError, match="is not base=folder"):
+        assets.operator_adapters(str(tmp_path / "lora-a"))
+    with pytest.raises(ValueError, match="adapter folder of smollm2-135m .*missing does not exist"):
+        assets.operator_adapters(f"smollm2-135m={tmp_path / 'missing'}")
+    with pytest.raises(ValueError, match="STUDIO_ADAPTERS: 'gpt2' is not one of this app's models"):
+        Models(llm_names=["smollm2-135m"], diffusion_names=[], adapters={"gpt2": [str(tmp_path / "lora-a")]})
+
+
+def test_each_measured_point_sits_at_or_under_the_roof_of_its_own_dtype():
+    """This CPU's committed benchmark ran its points in fp32, and its bf16 ceiling was probed lower
+    than its fp32 one: drawn against the bf16 roof, they sat above it (issue 16, item 11)."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from studio import inspector as config_inspector
+    from studio.ui.inspector import roofline_figure
+
+    bench = json.loads((Path(__file__).resolve().parent.parent / "docs/benchmarks/cpu-quick/bench.json").read_text())
+    analysis = config_inspector.analyse("smollm2-135m")  # predicted in bf16: a second roof
+    ax = roofline_figure(analysis, torch.device("cpu"), benchmark=bench).axes[0]
+    roofs = {line.get_label().split()[1]: line for line in ax.get_lines() if line.get_label().startswith("roof: ")}
+    assert set(roofs) == {"fp32", "bf16"}
+    measured = [c for c in ax.collections if c.get_label().startswith("measured here: ")]
+    assert len(measured) == len(bench["tables"]["side_by_side"]) >= 2
+    for points in measured:
+        dtype = points.get_label().rsplit(", ", 1)[1]
+        (x, y), = points.get_offsets()
+        roof_x, roof_y = roofs[dtype].get_data()
+        roof = np.exp(np.interp(np.log(x), np.log(roof_x), np.log(roof_y)))
+        assert y <= roof * 1.001, (points.get_label(), y, roof)
+    predicted = [c for c in ax.collections if c.get_label().startswith("predicted: ")]
+    assert predicted and all(c.get_label().endswith(", bf16") for c in predicted)

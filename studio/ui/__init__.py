@@ -12,6 +12,7 @@ Depends on gradio, the pipelines and the studio core; nothing depends on it but 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import tempfile
 import threading
@@ -48,6 +49,9 @@ MODELS_OWN = "model's own"
 IMAGE_SIZES = [MODELS_OWN, "32", "64", "128", "256", "512"]  # strings, as the API lists a dropdown's choices
 SCHEDULERS = ["ddim", "euler", "euler-ancestral", "dpm-solver++", "pndm"]
 SPECULATIVE = ["off", "prompt-lookup", "self"]
+ADAPTER_SCALE_MAX = 1.5
+NO_ADAPTER = "none"  # the adapter choice that runs the base model
+COMPARE = "compare with the base model"  # the same prompt and seed without the adapter, side by side
 LLM_PROMPT_CHARS, IMAGE_PROMPT_CHARS = 4000, 2000
 
 
@@ -56,13 +60,22 @@ class Models:
 
     The hosted app never loads a name typed into the browser: only the shipped models (the
     default first, see assets.default_model) and those the operator adds with STUDIO_MODELS
-    (hub ids or local folders, see assets.operator_models).
+    (hub ids or local folders, see assets.operator_models). Likewise each model's LoRA adapters:
+    the shipped ones made for it and those the operator adds for it with STUDIO_ADAPTERS (local
+    folders, see assets.operator_adapters), each loaded once into the model's pipeline.
     """
 
-    def __init__(self, llm_names: list[str] | None = None, diffusion_names: list[str] | None = None, remote=None):
+    def __init__(self, llm_names: list[str] | None = None, diffusion_names: list[str] | None = None, remote=None,
+                 adapters: dict[str, list[str]] | None = None):
         extra = assets.operator_models() if llm_names is None or diffusion_names is None else {}
         self.llm_names = llm_names if llm_names is not None else allow_list("llm", extra)
         self.diffusion_names = diffusion_names if diffusion_names is not None else allow_list("diffusion", extra)
+        self.operator_adapters = assets.operator_adapters() if adapters is None else adapters
+        for base in self.operator_adapters:
+            if base not in self.llm_names + self.diffusion_names:
+                raise ValueError(f"STUDIO_ADAPTERS: {base!r} is not one of this app's models "
+                                 f"({', '.join(self.llm_names + self.diffusion_names) or 'none'}); name the base model "
+                                 "as the model list names it")
         # an OpenAI-compatible server the operator configured (STUDIO_REMOTE_LLM), shown as one more LLM
         self.remote = remote if remote is not None else remote_from_env()
         if self.remote is not None:
@@ -90,6 +103,23 @@ class Models:
             if key not in self._loaded:
                 self._loaded[key] = load(name, device=device)
             return self._loaded[key]
+
+    def adapter_names(self, kind: str, name: str) -> list[str]:
+        """The LoRA adapters offered with one of the lane's models: shipped, then the operator's."""
+        return adapter_allow_list(kind, name, self.operator_adapters)
+
+    def with_adapter(self, kind: str, name: str, device: str, adapter: str) -> str:
+        """Load an adapter offered with model `name` into its pipeline, once; the name to run it by
+        (the adapter as the list names it)."""
+        offered = self.adapter_names(kind, name)
+        if adapter not in offered:
+            raise gr.Error(f"{adapter!r} is not one of the adapters offered with {name}: "
+                           f"{', '.join(offered) or 'none'}")
+        pipeline = self.llm(name, device) if kind == "llm" else self.diffusion(name, device)
+        with self._locks[(kind, name, device)]:  # the model's own lock: loading it set that up
+            if adapter not in pipeline.adapters:
+                pipeline.load_adapter(adapter, name=adapter)
+        return adapter
 
     def warm_up(self, device: str) -> threading.Thread | None:
         """Load the default LLM and start compiling its fast-path decode step for a short request
@@ -139,6 +169,13 @@ def allow_list(kind: str, extra: dict[str, list[str]]) -> list[str]:
     default = assets.default_model(kind)
     shipped = ([default] if default else []) + [n for n in assets.list_models(kind) if n != default]
     return shipped + [n for n in extra.get(kind, []) if n not in shipped]
+
+
+def adapter_allow_list(kind: str, model: str, extra: dict[str, list[str]], manifest=None) -> list[str]:
+    """A model's LoRA adapters: the shipped ones whose base it is, then the operator's for it."""
+    shipped = assets.load_manifest(manifest)
+    return [name for name, entry in shipped.items() if entry.kind == f"{kind}-adapter" and entry.base == model] + [
+        folder for folder in extra.get(model, []) if folder not in shipped]
 
 
 OUT_OF_MEMORY = {
@@ -258,7 +295,7 @@ def build_app(models: Models | None = None, warm_up: bool = True) -> gr.Blocks:
         with gr.Tab("Studio"):
             _studio_tab(models, default_device)
         with gr.Tab("Inspector"):
-            inspector.inspector_tab(default_device)
+            inspector.inspector_tab(models, default_device)
         with gr.Tab("Benchmarks"):
             inspector.benchmarks_tab(models, default_device)
         with gr.Tab("Backends"):
@@ -295,10 +332,15 @@ def _studio_tab(models: Models, default_device: str):
             gr.Markdown("#### LLM lane · text → tokens → prefill → one decode step per token ↺")
             with gr.Row(equal_height=True):
                 llm_model = gr.Dropdown(models.llm_names, value=(models.llm_names or [None])[0], label="model",
-                                        scale=3, min_width=150)
+                                        scale=3, min_width=150, elem_id="llm-model")
                 llm_prompt = gr.Textbox(example_prompt(llm_model.value) or "The cat sat", label="prompt", lines=1,
                                         max_lines=6, max_length=LLM_PROMPT_CHARS, scale=5)
                 llm_run = gr.Button("Generate", variant="primary", scale=1, min_width=90)
+            with gr.Row(equal_height=True):
+                llm_adapter = gr.Dropdown(adapter_choices(models, "llm", llm_model.value), value=NO_ADAPTER,
+                                          label="LoRA adapter (made for this model)", scale=3, min_width=150,
+                                          elem_id="llm-adapter")
+                llm_compare = gr.Checkbox(False, label=COMPARE, scale=2, min_width=150, elem_id="llm-compare-toggle")
             with gr.Accordion("settings: format, max tokens, sampling, seed, KV cache, speculative; examples",
                               open=False):
                 with gr.Row():
@@ -317,6 +359,9 @@ def _studio_tab(models: Models, default_device: str):
             chips = gr.HTML(label="the prompt's tokens", elem_id="llm-chips")
             stream = gr.HighlightedText(label="generated tokens (green: likely, red: unlikely) — click one",
                                         combine_adjacent=False, show_legend=False, elem_id="llm-stream")
+            with gr.Column(visible=False) as llm_compare_box:
+                llm_comparison = gr.HTML(label="the same prompt and seed without and with the adapter",
+                                         elem_id="llm-compare")
             llm_times = gr.BarPlot(x="step", y="ms", color="phase", label="LLM: device time per step", height=200,
                                    sort=None, elem_id="llm-times")
             llm_stats = gr.Markdown(elem_id="llm-counters")
@@ -327,10 +372,18 @@ def _studio_tab(models: Models, default_device: str):
             gr.Markdown("#### Diffusion lane · prompt → text encoder → denoiser × steps (× 2 with CFG) → VAE")
             with gr.Row(equal_height=True):
                 img_model = gr.Dropdown(models.diffusion_names, value=(models.diffusion_names or [None])[0],
-                                        label="model", scale=3, min_width=150)
+                                        label="model", scale=3, min_width=150, elem_id="diffusion-model")
                 img_prompt = gr.Textbox(example_prompt(img_model.value), label="prompt", lines=1, max_lines=4,
                                         max_length=IMAGE_PROMPT_CHARS, scale=5)
                 img_run = gr.Button("Generate", variant="primary", scale=1, min_width=90)
+            with gr.Row(equal_height=True):
+                img_adapter = gr.Dropdown(adapter_choices(models, "diffusion", img_model.value), value=NO_ADAPTER,
+                                          label="LoRA adapter (made for this model)", scale=2, min_width=150,
+                                          elem_id="diffusion-adapter")
+                img_adapter_scale = gr.Slider(0, ADAPTER_SCALE_MAX, value=1, step=0.05, label="adapter scale",
+                                              scale=2, min_width=120)
+                img_compare = gr.Checkbox(False, label=COMPARE, scale=2, min_width=150,
+                                          elem_id="diffusion-compare-toggle")
             with gr.Accordion("settings: negative prompt, steps, guidance, scheduler, CFG, seed, size; examples",
                               open=False):
                 negative = gr.Textbox("", label="negative prompt", max_length=IMAGE_PROMPT_CHARS)
@@ -352,6 +405,17 @@ def _studio_tab(models: Models, default_device: str):
                                    elem_classes=["pixels"])
                 final = gr.Image(label="final image (downloads at its real size)", type="pil", format="png",
                                  height=240, elem_id="final-image", elem_classes=["pixels"])
+            with gr.Column(visible=False) as img_compare_box:
+                with gr.Row(equal_height=True):
+                    image_without = gr.Image(label="without the adapter (same prompt and seed)", type="pil",
+                                             format="png", height=200, elem_id="image-without", elem_classes=["pixels"])
+                    image_with = gr.Image(label="with the adapter", type="pil", format="png", height=200,
+                                          elem_id="image-with", elem_classes=["pixels"])
+                strip_without = gr.Gallery(label="x0 per step without the adapter", columns=10, height=120,
+                                           preview=False, elem_id="filmstrip-without")
+                strip_with = gr.Gallery(label="x0 per step with the adapter (Δ: mean pixel difference from the same "
+                                              "step without it, out of 255)", columns=10, height=120, preview=False,
+                                        elem_id="filmstrip-with")
             img_times = gr.BarPlot(x="step", y="ms", color="phase", label="diffusion: device time per step",
                                    height=200, sort=None, elem_id="diffusion-times")
             img_stats = gr.Markdown(elem_id="diffusion-counters")
@@ -361,7 +425,7 @@ def _studio_tab(models: Models, default_device: str):
     timeline = gr.HTML(render.timeline([], []))
 
     @gpu
-    def run_llm(name, prompt, mode, max_new, temp, k, p, seed, cache, spec, dev, attn, prec):
+    def run_llm(name, prompt, mode, max_new, temp, k, p, seed, cache, spec, adapter, compare, dev, attn, prec):
         # the inputs arrive as sent (preprocess=False): each is checked here, with a message
         with request_errors("llm"):
             dev = inputs.choice(dev, "device", devices())
@@ -375,27 +439,43 @@ def _studio_tab(models: Models, default_device: str):
             seed = inputs.number(seed, "seed", 0, 2**63 - 1, whole=True, empty=0)
             cache = inputs.flag(cache, "KV cache")
             spec = inputs.choice(spec, "speculative decoding", SPECULATIVE)
+            adapter, compare = checked_adapter("llm", name, adapter, compare)
             attn = inputs.choice(attn, "attention kernel", ["auto"] + _choices("attention", dev))
             prec = inputs.choice(prec, "matmul precision", [MODELS_OWN] + _choices("precision", dev))
             llm = models.llm(name, dev)
-            events = []
+            if adapter is not None:
+                adapter = models.with_adapter("llm", name, dev, adapter)
+            # the adapter runs in the plain loop; compared, the base runs in it too, so that only
+            # the adapter differs between the two
+            lane = dict(adapter=adapter) if adapter else {}
+            if compare:
+                lane["fast_path"] = False
+            events, without = [], []
             chips_html = ""
             ceilings = dtype = None  # a remote model's steps are wall-clock times on someone else's device
             fast = None
             if llm.timing_kind == "device":
                 ceilings = ceilings_for(llm.device)
                 dtype = next(llm.model.parameters()).dtype
-                fast = wants_fast_path(llm, None, cache, None if spec == "off" else spec)
+                fast = wants_fast_path(llm, lane.get("fast_path"), cache, None if spec == "off" else spec, adapter)
             # the backends are read when stream() is called: this scope holds for the whole run,
             # and the shared, cached pipeline is left as it was
+            settings = dict(max_new_tokens=max_new, temperature=temp, top_k=k or None, top_p=p if p < 1 else None,
+                            seed=seed, use_cache=cache, chat=mode == "chat",
+                            speculative=None if spec == "off" else spec)
             with backends.use(attention=attn, precision=None if prec == MODELS_OWN else prec):
-                stream = llm.stream(
-                    prompt, max_new_tokens=max_new, temperature=temp, top_k=k or None, top_p=p if p < 1 else None,
-                    seed=seed, use_cache=cache, chat=mode == "chat", speculative=None if spec == "off" else spec,
-                )
+                stream = llm.stream(prompt, **settings, **lane)
+                base = llm.stream(prompt, **settings, fast_path=False) if compare else iter(())
             notices = []
-            for ev in stream:
-                events.append(ev)
+            # the two runs step together (each model call enters its own adapter), so the
+            # comparison grows token by token
+            for ev, base_ev in itertools.zip_longest(stream, base):
+                without += [base_ev] if base_ev is not None else []
+                events += [ev] if ev is not None else []
+                comparison = render.token_comparison(without, events, adapter) if compare else ""
+                if ev is None:  # the run with the adapter stopped first: only the comparison goes on
+                    yield (gr.skip(),) * 7 + (comparison,)
+                    continue
                 if ev.notice:  # said once by the lane, e.g. that the fast path fell back
                     gr.Warning(ev.notice)
                     notices.append(f"⚠ {ev.notice}")
@@ -404,10 +484,12 @@ def _studio_tab(models: Models, default_device: str):
                     continue
                 counters = render.llm_counters(events, ceilings, dtype, runtime=runtime_lines(llm, fast) + notices)
                 yield (chips_html, render.token_stream(events), render.alternatives_table(ev),
-                       render.step_times(events, ("prefill", "decode")), counters, events, render.stages(events, "llm"))
+                       render.step_times(events, ("prefill", "decode")), counters, events, render.stages(events, "llm"),
+                       comparison)
 
     @gpu
-    def run_diffusion(name, prompt, negative_prompt, n_steps, scale, sched, mode, seed, side, dev, attn, prec):
+    def run_diffusion(name, prompt, negative_prompt, n_steps, scale, sched, mode, seed, side, adapter, adapter_scale,
+                      compare, dev, attn, prec):
         with request_errors("diffusion"):
             dev = inputs.choice(dev, "device", devices())
             name = inputs.choice(name, "model", models.diffusion_names)
@@ -420,24 +502,42 @@ def _studio_tab(models: Models, default_device: str):
             mode = inputs.choice(mode, "CFG mode", ["batched", "sequential"])
             seed = inputs.number(seed, "seed", 0, 2**63 - 1, whole=True, empty=0)
             side = inputs.choice(side if side is not None else MODELS_OWN, "image size", IMAGE_SIZES)
+            adapter, compare = checked_adapter("diffusion", name, adapter, compare)
+            adapter_scale = inputs.number(adapter_scale, "adapter scale", 0, ADAPTER_SCALE_MAX)
             attn = inputs.choice(attn, "attention kernel", ["auto"] + _choices("attention", dev))
             prec = inputs.choice(prec, "matmul precision", [MODELS_OWN] + _choices("precision", dev))
             pipe = models.diffusion(name, dev)
+            if adapter is not None:
+                adapter = models.with_adapter("diffusion", name, dev, adapter)
             side = None if side == MODELS_OWN else int(side)
             events, strip = [], Filmstrip(filmstrip.GRADIO_CACHE)
+            pair = ComparedFilmstrips(filmstrip.GRADIO_CACHE) if compare else None
             ceilings = ceilings_for(pipe.device)
+            settings = dict(negative_prompt=negative_prompt or None, steps=n_steps, guidance_scale=scale,
+                            scheduler=sched, cfg_mode=mode, seed=seed, height=side, width=side)
             with backends.use(attention=attn, precision=None if prec == MODELS_OWN else prec):
-                stream = pipe.stream(
-                    prompt, negative_prompt=negative_prompt or None, steps=n_steps, guidance_scale=scale,
-                    scheduler=sched, cfg_mode=mode, seed=seed, height=side, width=side,
-                )
-            for ev in stream:
+                stream = pipe.stream(prompt, **settings, adapter=adapter, adapter_scale=adapter_scale)
+                base = pipe.stream(prompt, **settings) if compare else iter(())
+            for ev, base_ev in itertools.zip_longest(stream, base):  # step by step, as in run_llm
+                compared = pair.add(base_ev, ev) if pair else (None,) * 4
+                if ev is None:
+                    yield (gr.skip(),) * 6 + compared
+                    continue
                 events.append(ev)
-                frames = strip.add(ev.preview, f"step {ev.index + 1}") if ev.preview is not None else gr.skip()
+                frames = list(strip.frames) if ev.preview is None else strip.add(ev.preview, f"step {ev.index + 1}")
                 yield (enlarged(ev.preview) if ev.preview is not None else gr.skip(), frames,
                        ev.image if ev.image else gr.skip(),  # the real image: the download gives it
                        render.step_times(events, ("encode", "denoise", "decode")),
-                       render.diffusion_counters(events, ceilings, pipe.dtype), render.stages(events, "diffusion"))
+                       render.diffusion_counters(events, ceilings, pipe.dtype), render.stages(events, "diffusion"),
+                       *compared)
+
+    def checked_adapter(kind, name, adapter, compare):
+        """The adapter chosen for a lane's model (None: the base model) and whether to compare."""
+        adapter = inputs.choice(adapter, "adapter", [NO_ADAPTER] + models.adapter_names(kind, name))
+        compare = inputs.flag(compare, "compare")
+        if compare and adapter == NO_ADAPTER:
+            raise ValueError("compare runs the prompt with and without a LoRA adapter: choose an adapter first")
+        return (None if adapter == NO_ADAPTER else adapter), compare
 
     def show_alternatives(events, evt: gr.SelectData):
         chosen = [e for e in events if e.token_id is not None]
@@ -447,10 +547,12 @@ def _studio_tab(models: Models, default_device: str):
 
     shared = [device, attention, precision]
     llm_inputs = [llm_model, llm_prompt, llm_mode, max_tokens, temperature, top_k, top_p, llm_seed, use_cache,
-                  speculative] + shared
-    llm_outputs = [chips, stream, alternatives, llm_times, llm_stats, llm_events, llm_stages]
-    img_inputs = [img_model, img_prompt, negative, steps, guidance, scheduler, cfg_mode, img_seed, size] + shared
-    img_outputs = [preview, filmstrip, final, img_times, img_stats, diffusion_stages]
+                  speculative, llm_adapter, llm_compare] + shared
+    llm_outputs = [chips, stream, alternatives, llm_times, llm_stats, llm_events, llm_stages, llm_comparison]
+    img_inputs = [img_model, img_prompt, negative, steps, guidance, scheduler, cfg_mode, img_seed, size, img_adapter,
+                  img_adapter_scale, img_compare] + shared
+    img_outputs = [preview, filmstrip, final, img_times, img_stats, diffusion_stages, image_without, image_with,
+                   strip_without, strip_with]
 
     runs = []
     for trigger in (llm_run, run_both):
@@ -472,9 +574,48 @@ def _studio_tab(models: Models, default_device: str):
                 gr.update(choices=[MODELS_OWN] + _choices("precision", dev), value=MODELS_OWN))
 
     device.change(refresh_choices, device, [attention, precision], api_name=False)
-    # .input, not .change: picking an example sets the model and its prompt together
-    llm_model.input(example_prompt, llm_model, llm_prompt, api_name=False)
-    img_model.input(example_prompt, img_model, img_prompt, api_name=False)
+    # .input, not .change: picking an example sets the model and its prompt together; a model with
+    # no example prompts (an operator's) keeps the prompt typed
+    for model, prompt in ((llm_model, llm_prompt), (img_model, img_prompt)):
+        model.input(lambda name: example_prompt(name) or gr.skip(), model, prompt, api_name=False)
+    # .change: an example that sets the model refreshes its adapters too
+    llm_model.change(lambda name: adapter_update(models, "llm", name), llm_model, llm_adapter, api_name=False)
+    img_model.change(lambda name: adapter_update(models, "diffusion", name), img_model, img_adapter, api_name=False)
+    llm_compare.change(lambda on: gr.update(visible=on), llm_compare, llm_compare_box, api_name=False)
+    img_compare.change(lambda on: gr.update(visible=on), img_compare, img_compare_box, api_name=False)
+
+
+def adapter_choices(models: Models, kind: str, name: str | None) -> list[str]:
+    """A lane's adapter choices for its model: none (the base model), then those offered with it."""
+    return [NO_ADAPTER] + (models.adapter_names(kind, name) if name else [])
+
+
+def adapter_update(models: Models, kind: str, name: str):
+    return gr.update(choices=adapter_choices(models, kind, name), value=NO_ADAPTER)
+
+
+class ComparedFilmstrips:
+    """A run and its base run side by side: the two final images, and the two filmstrips of x0
+    previews, each step of the adapter's captioned with how far it is from the base's."""
+
+    def __init__(self, cache: str | Path):
+        self.without, self.with_ = Filmstrip(cache), Filmstrip(cache)
+        self.previews = {}  # the base run's previews by step, to measure the adapter's against
+
+    def add(self, without, adapted) -> tuple:
+        """The compare outputs after one step of each run (either may have ended): (image without,
+        image with, filmstrip without, filmstrip with)."""
+        if without is not None and without.preview is not None:
+            self.previews[without.index] = without.preview
+            self.without.add(without.preview, f"step {without.index + 1}")
+        if adapted is not None and adapted.preview is not None:
+            base = self.previews.get(adapted.index)
+            delta = f" Δ{render.pixel_difference(base, adapted.preview):.0f}" if base is not None else ""
+            self.with_.add(adapted.preview, f"step {adapted.index + 1}{delta}")
+        images = [ev.image if ev is not None and ev.image is not None else gr.skip() for ev in (without, adapted)]
+        # every update lists the frames so far (written once, never rewritten): the last one, which an
+        # API client gets, holds them all
+        return (*images, list(self.without.frames), list(self.with_.frames))
 
 
 def runtime_lines(llm, fast: bool | None) -> list[str]:
@@ -485,7 +626,8 @@ def runtime_lines(llm, fast: bool | None) -> list[str]:
     if llm.fast_path_error:
         lines = [f"plain loop: {llm.fast_path_error}"]
     elif not fast:
-        lines = ["plain loop: the fast path does not run this model or these settings (KV cache off, speculative)"]
+        lines = ["plain loop: the fast path does not run this model or these settings (KV cache off, speculative, "
+                 "a LoRA adapter, compare)"]
     else:
         lines = [llm.fast_decoder.status() if llm.fast_decoder is not None else "fast path"]
     if llm.device.type == "cpu":

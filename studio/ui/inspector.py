@@ -1,7 +1,7 @@
 """The Inspector and Benchmarks tabs: what a config predicts, and what the suite measures.
 
-Depends on gradio, matplotlib, studio.inspector and studio.profiling; imports studio.bench only when
-the Benchmarks tab runs it. No model logic here.
+Depends on gradio, matplotlib, studio.inspector, studio.adapters, studio.assets and studio.profiling;
+imports studio.bench only when the Benchmarks tab runs it. No model logic here.
 """
 
 from __future__ import annotations
@@ -15,49 +15,66 @@ import gradio as gr
 import pandas as pd
 import torch
 
+from studio import adapters, assets
 from studio import inspector as config_inspector
-from studio.profiling import ceilings_for, roofline_axes
+from studio.profiling import Ceilings, ceilings_for, roofline_axes
 
 BENCH_RESULTS = Path(__file__).resolve().parent.parent.parent / "docs" / "benchmarks"
 
 
-def latest_measurements(device: torch.device) -> list[dict]:
-    """This machine's measured points (the side-by-side table) from the newest results on the same kind
-    of device, so the plot shows measured next to predicted."""
-    newest = None
+def latest_benchmark(device: torch.device) -> dict | None:
+    """The newest benchmark results (docs/benchmarks/*/bench.json) of the same kind of device, for
+    the plot's measured points next to the predicted ones."""
     for path in sorted(BENCH_RESULTS.glob("*/bench.json"), key=lambda p: p.stat().st_mtime, reverse=True):
         data = json.loads(path.read_text())
         if data["meta"]["device"].split(":")[0] == device.type:
-            newest = data
-            break
-    return newest["tables"]["side_by_side"] if newest else []
+            return data
+    return None
 
 
-def roofline_figure(analysis, device: torch.device):
-    """This device's roof, the config's workloads placed at their intensity on it (predicted), and the
-    measured points of this machine's latest benchmark."""
+def ceiling_dtype(dtype: str, ceilings: Ceilings) -> str:
+    """The matmul ceiling a workload in `dtype` runs against: its own, else fp16's, else fp32's
+    (as the inspector's predictions fall back)."""
+    return next((k for k in (dtype, "fp16", "fp32") if k in ceilings.peak_flops), "fp32")
+
+
+def roofline_figure(analysis, device: torch.device, benchmark: dict | None = None):
+    """One roof per dtype among the points, each point drawn against and labelled with its own: the
+    config's workloads placed at their intensity (predicted, in the analysis's dtype) and the
+    measured points of this machine's latest benchmark (each in the dtype it ran in; `benchmark`:
+    that benchmark's results, by default the newest on this kind of device).
+
+    The roofs are the ceilings that benchmark probed in the same run as its points (a roof probed at
+    another moment, under another load, says nothing about them); without one, this device's."""
     # a Figure of its own, not pyplot's: pyplot keeps every figure it made until closed, so each
     # analysis would stay in memory for the life of the app
     from matplotlib.figure import Figure
 
-    ceilings = ceilings_for(device)
-    dtype = analysis.dtype if analysis.dtype in ceilings.peak_flops else "fp32"
-    peak, bandwidth = ceilings.peak(dtype), ceilings.bandwidth
-    measured = latest_measurements(device)
+    benchmark = benchmark if benchmark is not None else latest_benchmark(device)
+    measured = benchmark["tables"]["side_by_side"] if benchmark else []
+    ceilings = Ceilings(**benchmark["ceilings"]) if benchmark else ceilings_for(device)
+    predicted = ceiling_dtype(analysis.dtype, ceilings)
+    dtypes = sorted({predicted} | {p["dtype"] for p in measured if p["dtype"] in ceilings.peak_flops})
+    colors = {dtype: f"C{i}" for i, dtype in enumerate(dtypes)}
+    bandwidth = ceilings.bandwidth
     intensities = [w.intensity for w in analysis.workloads] + [p["intensity"] for p in measured] + [0.1, 1e3]
     lo, hi = min(intensities) / 3, max(intensities) * 3
     xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    ax.plot(xs, [min(peak, x * bandwidth) / 1e12 for x in xs], lw=2,
-            label=f"{ceilings.name} ({ceilings.source}): {peak / 1e12:.3g} TFLOP/s {dtype}, {bandwidth / 1e9:.0f} GB/s")
+    for dtype in dtypes:
+        peak = ceilings.peak_flops[dtype]
+        ax.plot(xs, [min(peak, x * bandwidth) / 1e12 for x in xs], lw=2, color=colors[dtype],
+                label=f"roof: {dtype} {peak / 1e12:.3g} TFLOP/s, {bandwidth / 1e9:.0f} GB/s "
+                      f"({ceilings.name}, {ceilings.source})")
     for w in analysis.workloads:
-        attainable = min(peak, w.intensity * bandwidth)
-        ax.scatter(w.intensity, attainable / 1e12, marker="o", s=60, zorder=3, label=f"predicted: {w.name} ({w.detail})")
+        attainable = min(ceilings.peak_flops[predicted], w.intensity * bandwidth)
+        ax.scatter(w.intensity, attainable / 1e12, marker="o", s=60, zorder=3, color=colors[predicted],
+                   edgecolor="black", label=f"predicted: {w.name} ({w.detail}), {predicted}")
     for p in measured:
-        ax.scatter(p["intensity"], p["tflop_s"], marker="x", s=60, zorder=3,
-                   label=f"measured here: {p['lane']} {p['workload']} ({p['model']})")
-    roofline_axes(ax, f"{analysis.name} on this device's roofline")
+        ax.scatter(p["intensity"], p["tflop_s"], marker="x", s=60, zorder=3, color=colors.get(p["dtype"], "grey"),
+                   label=f"measured here: {p['lane']} {p['workload']} ({p['model']}), {p['dtype']}")
+    roofline_axes(ax, f"{analysis.name} on this device's roofline, one roof per dtype")
     fig.tight_layout()
     return fig
 
@@ -142,37 +159,59 @@ def check_sizes(config: dict) -> None:
                 raise ValueError(f"{path} must be a whole number from 0 to {limit:,}; got {item!r}")
 
 
-def inspector_tab(default_device: str):
+def listed_adapters(operator: dict[str, list[str]]) -> dict[str, str | None]:
+    """The LoRA adapters the Inspector offers, each with its base model: the shipped ones (None:
+    their manifest entry names it), then the operator's (STUDIO_ADAPTERS, by base)."""
+    listed = {name: None for kind in assets.ADAPTER_KINDS for name in assets.list_models(kind)}
+    listed.update({folder: base for base, folders in operator.items() for folder in folders if folder not in listed})
+    return listed
+
+
+def adapter_report(report: dict) -> tuple[str, pd.DataFrame]:
+    """An adapter's report as the Inspector shows it: the terminal's text, and a table per target."""
+    table = pd.DataFrame(report["targets"], columns=["component", "target", "layers", "parameters", "bytes",
+                                                     "base_bytes"])
+    table["share of base bytes"] = (table["bytes"] / table["base_bytes"]).map(lambda share: f"{share:.2%}")
+    return f"```text\n{adapters.format_adapter(report)}\n```", table
+
+
+def inspector_tab(models, default_device: str):
     references = config_inspector.reference_configs()  # name -> its folder
+    listed = listed_adapters(models.operator_adapters)  # adapter -> its base (None: the manifest's)
     with gr.Row():
         default = "llama-3.2-1b" if "llama-3.2-1b" in references else next(iter(references), None)
-        reference = gr.Dropdown(list(references), value=default, label="reference architecture")
+        reference = gr.Dropdown(list(references) + list(listed), value=default,
+                                label="reference architecture, or a LoRA adapter (against its base)")
         device = gr.Dropdown(["cpu"] + (["cuda"] if torch.cuda.is_available() else []), value=default_device,
                              label="this machine's device (measured roof)")
         analyse_button = gr.Button("Analyse", variant="primary")
     pasted = gr.Code(label="…or paste the contents of a config.json (a JSON object; used when not empty)",
                      language="json", lines=6)
     details = gr.Markdown()
-    table = gr.Dataframe(label="predicted time per step on each known GPU", interactive=False)
+    table = gr.Dataframe(label="predicted time per step on each known GPU (an adapter: its weights per target layer)",
+                         interactive=False)
     figure = gr.Plot(label="roofline")
 
     def run(name, config_text, dev):
-        # a pasted config (a JSON object) or a reference from the list, never a path or hub id
+        # a pasted config (a JSON object) or a reference or adapter from the list, never a path or hub id
+        source = None  # an adapter from the list
         try:
             if config_text and config_text.strip():
                 source = pasted_config(config_text)
             elif name in references:
                 source = references[name]  # the reference's folder: no lookup by name
-            else:
+            elif name not in listed:
                 raise ValueError("choose a reference architecture or paste a config.json")
         except ValueError as error:
             raise gr.Error(str(error)) from None
         try:
+            if source is None:
+                return (*adapter_report(adapters.inspect_adapter(name, base=listed[name])), None)
             analysis = config_inspector.analyse(source)
             return summary(analysis), predictions_table(analysis), roofline_figure(analysis, torch.device(dev))
         except Exception as error:  # whatever the config makes the libraries raise: the user sees why
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise gr.Error(f"cannot analyse this config: {first}") from None
+            raise gr.Error(f"cannot analyse this {'adapter' if source is None else 'config'}: {first}") from None
 
     analyse_button.click(run, [reference, pasted, device], [details, table, figure], api_name="inspect")
 

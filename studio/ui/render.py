@@ -1,5 +1,6 @@
 """What the app shows, computed from the lanes' events: token chips, the coloured token stream,
-bar-chart tables, counters, roofline placements and the shared timeline.
+bar-chart tables, counters, roofline placements, the shared timeline, and a run compared with
+the same run without its LoRA adapter.
 
 Plain functions from events to HTML strings, lists and DataFrames, so they are tested without a
 browser. Depends on pandas and the studio core; never on Gradio or a pipeline's internals.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import html
 import math
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -77,6 +79,12 @@ def roofline_text(name: str, point) -> str:
     )
 
 
+def adapter_line(events) -> list[str]:
+    """The LoRA adapter a run added, if any, as a counters line."""
+    adapter = next((e.adapter for e in events if getattr(e, "adapter", None)), None)
+    return [f"LoRA adapter **{adapter}**, added unmerged to the layers it targets"] if adapter else []
+
+
 def llm_counters(events, ceilings: Ceilings | None, dtype: torch.dtype | None, runtime: list[str] = ()) -> str:
     """Counters under the LLM lane; without ceilings (a remote model) the times are wall-clock and no
     roofline is drawn. `runtime`: lines about what ran it (the fast path's state, the CPU threads)."""
@@ -103,6 +111,7 @@ def llm_counters(events, ceilings: Ceilings | None, dtype: torch.dtype | None, r
             f"speculative: {accepted}/{proposed} drafts accepted, "
             f"{generated / len(drafted):.2f} tokens per target forward"
         )
+    lines += adapter_line(events)
     if ceilings is None:
         lines.append("times are wall-clock per token, measured here, of a remote server")
     else:
@@ -127,11 +136,67 @@ def diffusion_counters(events, ceilings: Ceilings, dtype: torch.dtype) -> str:
             f"({last.passes} per step{' — classifier-free guidance doubles them' if last.passes == 2 else ''})"
         )
         lines.append(roofline_text("denoising step", stage_roofline(steady, ceilings, dtype)))
+    lines += adapter_line(events)
     decode = [e for e in events if e.phase == "decode"]
     if decode:
         lines.append(f"VAE decode {decode[0].ms:.1f} ms")
         lines.append(roofline_text("VAE decode", stage_roofline(decode, ceilings, dtype)))
     return "  \n".join(lines)
+
+
+def chosen_steps(events) -> list:
+    """The steps that chose a token, of the first prompt."""
+    return [e for e in events if e.token_id is not None and getattr(e, "sequence", 0) == 0]
+
+
+def first_divergence(without, adapted) -> int | None:
+    """The first generated token (0-based) at which two runs of one prompt and seed chose
+    differently; None while they agree."""
+    pairs = zip(chosen_steps(without), chosen_steps(adapted))
+    return next((i for i, (a, b) in enumerate(pairs) if a.token_id != b.token_id), None)
+
+
+def _choice(event) -> str:
+    return f"<code>{_escape(repr(event.text or ''))}</code> {math.exp(event.logprob):.0%}"
+
+
+def _top(event, other, k: int) -> str:
+    """A step's top-k as 'token p' pieces, the token the other run chose in bold."""
+    pieces = []
+    for text, token_id, prob in event.top[:k]:
+        piece = f"{_escape(repr(text))} {prob:.0%}"
+        pieces.append(f"<b>{piece}</b>" if other is not None and token_id == other.token_id else piece)
+    return " · ".join(pieces)
+
+
+def token_comparison(without, adapted, adapter: str, k: int = 5) -> str:
+    """Two runs of one prompt and seed, without and with a LoRA adapter, token by token: the token
+    each chose and its probability, each next-token distribution's top k (the other run's choice in
+    bold), and the first token where they part highlighted. After it each run continues its own
+    text, so later rows compare distributions over different contexts."""
+    a, b = chosen_steps(without), chosen_steps(adapted)
+    first = first_divergence(without, adapted)
+    if first is None:
+        headline = f"the same {min(len(a), len(b))} tokens so far without and with <b>{_escape(adapter)}</b>"
+    else:
+        headline = (f"they part at token {first + 1}: {_choice(a[first])} without, {_choice(b[first])} with "
+                    f"<b>{_escape(adapter)}</b>; from there each continues its own text")
+    rows = []
+    for i in range(max(len(a), len(b))):
+        x, y = (a[i] if i < len(a) else None), (b[i] if i < len(b) else None)
+        kind = "same" if first is None or i < first else "diverge" if i == first else "apart"
+        cells = [str(i + 1), _choice(x) if x else "", _choice(y) if y else "",
+                 _top(x, y, k) if x else "", _top(y, x, k) if y else ""]
+        rows.append(f'<tr class="{kind}">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("token", "without", "with", f"top {k} without", f"top {k} with"))
+    return (f'<div class="compare"><p>{headline}</p><table><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table></div>')
+
+
+def pixel_difference(a, b) -> float:
+    """The mean absolute difference of two images' RGB values, out of 255."""
+    x, y = (np.asarray(image.convert("RGB"), dtype=np.float32) for image in (a, b))
+    return float(np.abs(x - y).mean()) if x.shape == y.shape else math.nan
 
 
 def _main_shape(shapes: dict) -> str:
@@ -194,6 +259,12 @@ CSS = """
 .stage-tokenize { background: #d8e2ff; } .stage-prefill { background: #8fb0ff; } .stage-decode { background: #c6f0c2; }
 .stage-encode { background: #ffe0b3; } .stage-denoise { background: #ffc2c2; }
 .stage-rest { min-width: 0; }
+.compare { max-height: 420px; overflow-y: auto; }
+.compare table { border-collapse: collapse; font-size: 0.85em; width: 100%; }
+.compare th, .compare td { padding: 2px 6px; border-bottom: 1px solid var(--border-color-primary); text-align: left; }
+.compare th { position: sticky; top: 0; background: var(--background-fill-primary); }
+.compare tr.diverge { background: #ffe08a; color: #111; }
+.compare tr.apart { color: var(--body-text-color-subdued); }
 #studio-title p { margin: 0; }
 /* an image fills its frame, a small one enlarged with square pixels (a big one shrinks smoothly: pixelated
    only scales up by nearest neighbour); the file, and its download, stays the real size */
