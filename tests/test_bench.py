@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from studio import bench
-from studio.bench.results import table_row
+from studio.bench.results import precision_grid, table_row
 from studio.cli import main
 from studio.profiling import ceilings_for
 
@@ -170,6 +170,18 @@ def test_cpu_goals_are_ratios_of_rows_measured_in_one_run():
     bench.evaluate_goals(results)
     bf16 = next(g for g in results.goals if g["id"] == "cpu-bf16")
     assert bf16["measured"] is None and "no bf16 matmul" in bf16["detail"]
+
+
+def test_settings_narrow_the_precisions_and_bound_the_cacheless_row():
+    settings = bench.Settings.for_device("cpu", new_tokens=128, precisions=("int8",))
+    grid = dict(precision_grid(settings, torch.device("cpu"), torch.float32))
+    assert grid["int8"] is None and "not asked for" in grid["bf16"]
+    llm = bench.LLMBench(settings, bench.Results(settings), "tiny-llama", shape=True)
+    cacheless = [v for v in llm.variants() if not v["cache"]]
+    assert [v["new_tokens"] for v in cacheless] == [32]  # quadratic without a cache: bounded on the CPU
+    quick = bench.Settings.for_device("cpu", quick=True)
+    assert [v["new_tokens"] for v in bench.LLMBench(quick, bench.Results(quick), "tiny-llama", True).variants()
+            if not v["cache"]] == [quick.new_tokens]
 
 
 def test_llamacpp_row_is_skipped_with_the_reason_where_its_binding_is_missing(monkeypatch):

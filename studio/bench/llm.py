@@ -104,7 +104,8 @@ class LLMBench:
         for precision, reason in precision_grid(self.settings, self.device, dtype):
             if precision is not None:
                 rows.append(dict(default, precision=precision, skip=reason))
-        rows.append(dict(default, cache=False))
+        n = self.settings.new_tokens
+        rows.append(dict(default, cache=False, new_tokens=min(self.settings.cacheless_tokens or n, n)))
         rows.append(dict(default, speculative="prompt-lookup"))
         rows.append(dict(default, speculative="self"))
         rows.append(dict(default, speculative="draft",
@@ -217,7 +218,7 @@ class LLMBench:
                     precision=v.get("precision") or "native", dtype=dtype_name(self._dtype()), weights=self._weights(v),
                     cache="on" if v.get("cache", True) else "off", fast_path="on" if v.get("fast_path") else "off",
                     speculative=v.get("speculative") or "none", top_logprobs=v.get("top_logprobs", 0),
-                    prompt_tokens=self.settings.prompt_tokens, new_tokens=self.settings.new_tokens)
+                    prompt_tokens=self.settings.prompt_tokens, new_tokens=v.get("new_tokens") or self.settings.new_tokens)
 
     def _weights(self, v: dict) -> str:
         """The format the matmuls read the weights in: the precision asked for, else on the fast
@@ -311,12 +312,13 @@ class LLMBench:
 
     def _decode_row(self, v: dict, base: dict) -> dict:
         s, llm = self.settings, self.llm
+        n = base["new_tokens"]  # the cache-off row may generate fewer (Settings.cacheless_tokens)
         # fast_path passed either way: None would turn it on wherever it helps, under a label saying "off"
-        kwargs = dict(max_new_tokens=s.new_tokens, use_cache=v["cache"], top_logprobs=v["top_logprobs"],
+        kwargs = dict(max_new_tokens=n, use_cache=v["cache"], top_logprobs=v["top_logprobs"],
                       speculative=v["speculative"], draft=self._draft(v["speculative"]), fast_path=v["fast_path"])
         prompts = self.prompts()
         # --quick warms up on two new tokens: prefill and decode have run once, which is what warm-up is for
-        warm = dict(kwargs, max_new_tokens=min(2, s.new_tokens)) if s.quick else kwargs
+        warm = dict(kwargs, max_new_tokens=min(2, n)) if s.quick else kwargs
         notes = []
         if v["fast_path"]:
             self._fast_decoder(v)
@@ -328,7 +330,7 @@ class LLMBench:
             for prompt in prompts[: s.warmup]:
                 self.generate(prompt, warm)
             if v["fast_path"]:
-                self._compile_shapes(prompts[s.warmup:], s.new_tokens)
+                self._compile_shapes(prompts[s.warmup:], n)
             compile_s = self._compile_seconds() if v["fast_path"] else None
             warmup_ms = (perf_counter() - started) * 1e3 - (compile_s or 0) * 1e3  # compiling is reported apart
             with PeakMemory(self.device) as memory:
@@ -355,10 +357,10 @@ class LLMBench:
         prefill_flops = runs[0]["prefill_flops"]
         prompt_len = runs[0]["prompt_len"]
         # bytes one plain decode step moves per token (weights, KV cache, logits), mid-generation
-        flops_tok, bytes_tok = decoder_step_cost(llm.shape, 1, 1, prompt_len + s.new_tokens // 2)
+        flops_tok, bytes_tok = decoder_step_cost(llm.shape, 1, 1, prompt_len + n // 2)
         bytes_tok = bytes_tok * _bytes_scale(llm, base["weights"])
         step_ms = 1e3 / tok_s if tok_s else None
-        kv_tokens = prompt_len + s.new_tokens - 1
+        kv_tokens = prompt_len + n - 1
         plain = v["cache"] and not v["speculative"]
         row = self.results.add("llm", table_row(
             "llm", status="ok", reason="; ".join(notes) or None, repeats=len(runs), warmup_ms=warmup_ms,
@@ -377,7 +379,7 @@ class LLMBench:
             kv_bytes=runs[-1]["kv_bytes"] if v["cache"] else 0,
             kv_bytes_predicted=self.analysis.kv_bytes_per_token * kv_tokens if plain else None,
             activations_bytes=inspector.decoder_activation_bytes(
-                self.analysis, 1 if v["cache"] else prompt_len + s.new_tokens, prompt_len + s.new_tokens,
+                self.analysis, 1 if v["cache"] else prompt_len + n, prompt_len + n,
                 eager=v["attention"] == "eager"),
             peak_mem_bytes=memory.peak, peak_growth_bytes=memory.growth, **base,
         ))

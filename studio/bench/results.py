@@ -93,6 +93,8 @@ class Settings:
     attention_seq: int = 4096
     attention_repeats: int = 10
     attention_kernels: tuple[str, ...] | None = None  # None: every kernel
+    precisions: tuple[str, ...] | None = None  # None: every precision the device has
+    cacheless_tokens: int | None = None  # new tokens of the cache-off row (None: new_tokens; its cost is quadratic)
     threads: int | None = None  # torch CPU threads (None: torch's default)
 
     @classmethod
@@ -104,6 +106,7 @@ class Settings:
         if not device.startswith("cuda"):
             settings.attention_seq = 1024  # the eager kernel's score matrix still shows: 16 x 1024^2 floats
             settings.prefill_tokens = 512  # the CPU goal's prompt (issue 13)
+            settings.cacheless_tokens = 32  # without a cache, 128 tokens re-run ~25k tokens: minutes per run
         if quick:
             settings.repeats, settings.warmup = 2, 1
             settings.prompt_tokens, settings.new_tokens, settings.prefill_tokens = 16, 8, 64
@@ -254,7 +257,9 @@ def precision_grid(settings: Settings, device, native: torch.dtype) -> list[tupl
         if name == native_key:
             continue  # the same as the model's own dtype
         info = backends.precision_info(name, device, native)
-        if not info.available:
+        if settings.precisions and name not in settings.precisions:
+            grid.append((name, "not asked for (Settings.precisions)"))
+        elif not info.available:
             grid.append((name, info.reason))
         elif settings.quick and device.type == "cpu" and name != "int8":
             grid.append((name, "--quick on the CPU runs the model's own dtype and int8 (CPUs rarely have fast "
