@@ -438,6 +438,17 @@ def test_the_inspector_reports_a_listed_adapter_against_its_base(adapter_app):
         client.predict(folders["unlisted"], "", "cpu", api_name="/inspect")
 
 
+def test_the_inspector_lists_the_shipped_adapters_and_reports_each_against_its_base(url):
+    shipped = assets.list_models("llm-adapter") + assets.list_models("diffusion-adapter")
+    if not shipped:
+        pytest.skip("no shipped adapter in assets/manifest.json yet")
+    client = Client(url, verbose=False)
+    for name in shipped:
+        summary, table, _ = client.predict(name, "", "cpu", api_name="/inspect")
+        assert f"{name}: a LoRA adapter (rank" in summary and f"for {assets.load_manifest()[name].base}" in summary
+        assert table["data"]
+
+
 @pytest.mark.parametrize("kind", ["llm", "diffusion"])
 def test_a_shipped_adapter_runs_with_its_base_model_in_the_app(url, models, kind):
     """Once a shipped adapter is in the manifest, its base model's lane offers it and compares it."""
