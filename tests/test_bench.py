@@ -165,6 +165,10 @@ def test_cpu_goals_are_ratios_of_rows_measured_in_one_run():
     assert goals["cpu-diffusion"]["measured"] is None and "not measured" in goals["cpu-diffusion"]["detail"]
     assert goals["smollm-decode"]["met"] is None  # a GPU goal on a CPU run: distance only
 
+    again = bench.Results.from_json(json.loads(json.dumps(results.to_json())))  # as scripts/gpu-check reads it
+    bench.evaluate_goals(again)
+    assert [g["measured"] for g in again.goals] == [g["measured"] for g in results.goals]
+
     results.goals.clear()
     results.meta["cpu_fast_path_weights"] = {"format": "fp32", "reason": "this CPU has no bf16 matmul instructions"}
     bench.evaluate_goals(results)

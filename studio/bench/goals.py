@@ -199,8 +199,8 @@ def _cpu_goal_value(results: Results, goal: dict) -> tuple[float | None, str | N
         ratios = []
         for model in dict.fromkeys(r["model"] for r in studio):
             rows = [r for r in studio if r["model"] == model and not r["top_logprobs"]]
-            mine = [r for r in rows if r["weights"] == fmt]
-            fp32 = [r for r in rows if r["weights"] == "fp32"]
+            mine = [r for r in rows if _weights(r) == fmt]
+            fp32 = [r for r in rows if _weights(r) == "fp32"]
             if mine and fp32:
                 a, b = _best(mine), _best(fp32)
                 pairs = [f"{kind}: {x['decode_tok_s'] / y['decode_tok_s']:.2f}x" for kind, x, y in (
@@ -227,11 +227,11 @@ def _cpu_goal_value(results: Results, goal: dict) -> tuple[float | None, str | N
         prefill = results.tables["prefill"]
         ratios = []
         for ref in _ok(prefill, path="transformers generate()"):
-            ours = [r for r in _ok(prefill, model=ref["model"]) if r["path"].startswith("studio stream")]
+            ours = [r for r in _ok(prefill, model=ref["model"]) if (r.get("path") or "").startswith("studio stream")]
             if ours:
                 best = min(ours, key=lambda r: r["ttft_ms"])
                 ratios.append((ref["ttft_ms"] / best["ttft_ms"],
-                               f"{ref['model']}: {best['path']}, {best['weights']} weights: {best['ttft_ms']:.0f} ms "
+                               f"{ref['model']}: {best['path']}, {_weights(best)} weights: {best['ttft_ms']:.0f} ms "
                                f"(prefill event {best['ms']:.0f} ms: {ref['ttft_ms'] / best['ms']:.2f}x) vs generate() "
                                f"{ref['ttft_ms']:.0f} ms, wall clock"))
         return _worst(ratios) if ratios else (None, "not measured in this run")
@@ -250,7 +250,13 @@ def _cpu_goal_value(results: Results, goal: dict) -> tuple[float | None, str | N
 
 
 def _describe(row: dict) -> str:
-    return f"{'fast path' if row['fast_path'] == 'on' else 'plain loop'}, {row['weights']} weights"
+    return f"{'fast path' if row['fast_path'] == 'on' else 'plain loop'}, {_weights(row)} weights"
+
+
+def _weights(row: dict) -> str:
+    """The format a row's matmuls read the weights in (results written before the column: from
+    its precision, or its dtype)."""
+    return row.get("weights") or (row["precision"] if row["precision"] != "native" else row["dtype"])
 
 
 def _best(rows: list[dict], kind: str | None = None) -> dict | None:

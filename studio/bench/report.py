@@ -109,14 +109,14 @@ def markdown(data: dict) -> str:
             ["model", "path", "attention", "precision", "weights", "cache", "fast path", "speculative", "alts",
              "compile s", "TTFT ms", "prefill tok/s", "prefill TFLOP/s", "decode tok/s", "GB/s", "% BW roofline",
              "× stock", "accept", "KV bytes", "peak mem"],
-            [[r["model"], r["path"], r["attention"], r["precision"], r["weights"], r["cache"], r["fast_path"],
-              r["speculative"], r["top_logprobs"], _fmt(r["compile_s"]), _fmt(r["ttft_ms"]), _fmt(r["prefill_tok_s"]), _fmt(r["prefill_tflop_s"] and r["prefill_tflop_s"]),
+            [[r["model"], r["path"], r["attention"], r["precision"], r.get("weights"), r["cache"], r["fast_path"],
+              r["speculative"], r["top_logprobs"], _fmt(r.get("compile_s")), _fmt(r["ttft_ms"]), _fmt(r["prefill_tok_s"]), _fmt(r["prefill_tflop_s"] and r["prefill_tflop_s"]),
               _spread(r["decode_tok_s"], r["decode_tok_s_min"], r["decode_tok_s_max"]), _fmt(r["decode_gb_s"]),
               _fmt(r["decode_share_of_roofline"], "pct"), _fmt(r["speedup_vs_stock"], "x"),
               _fmt(r["acceptance_rate"], "pct"), _fmt(r["kv_bytes"], "bytes"), _fmt(r["peak_mem_bytes"], "bytes")]
              for r in llm if r["status"] == "ok"],
         )]
-        notes = [f"- {r['model']}: {r['path']} {r['weights']} {_llm_label(r)}: {r['reason']}"
+        notes = [f"- {r['model']}: {r['path']} {r.get('weights')} {_llm_label(r)}: {r['reason']}"
                  for r in llm if r["status"] == "ok" and r["reason"]]
         out.append("\ncompile s: the fast path's compile time, apart from the warm-up; TTFT and decode tok/s are wall "
                    "clock, the same way for every path." + ("\n\nNotes:\n\n" + "\n".join(notes) if notes else ""))
@@ -128,15 +128,15 @@ def markdown(data: dict) -> str:
         out += ["", "## LLM prefill", "", _table(
             ["model", "path", "attention", "precision", "weights", "tokens", "ms", "TTFT ms", "tok/s", "TFLOP/s",
              "% matmul peak", "× generate()", "S² scores", "peak mem", "growth"],
-            [[r["model"], r["path"], r["attention"], r["precision"], r["weights"], r["tokens"],
-              _spread(r["ms"], r["ms_min"], r["ms_max"]), _fmt(r["ttft_ms"]), _fmt(r["tok_s"]), _fmt(r["tflop_s"]),
-              _fmt(r["share_of_peak"], "pct"), _fmt(r["speedup_vs_stock"], "x"), _fmt(r["scores_bytes"], "bytes"),
+            [[r["model"], r.get("path", "studio (prefill forward)"), r["attention"], r["precision"], r.get("weights"),
+              r["tokens"], _spread(r["ms"], r["ms_min"], r["ms_max"]), _fmt(r.get("ttft_ms")), _fmt(r["tok_s"]),
+              _fmt(r["tflop_s"]), _fmt(r["share_of_peak"], "pct"), _fmt(r.get("speedup_vs_stock"), "x"), _fmt(r["scores_bytes"], "bytes"),
               _fmt(r["peak_mem_bytes"], "bytes"), _fmt(r["peak_growth_bytes"], "bytes")]
              for r in prefill if r["status"] == "ok"],
         ), "", "prefill forward: one forward over random tokens, device time. studio stream / generate() / llama.cpp: "
                "a prompt of that length and one new token; ms is the lane's prefill event (the others: wall clock), "
                "TTFT the wall clock of the whole call, × generate() compares TTFT with TTFT."]
-        out.append(_skipped(prefill, lambda r: f"{r['model']}: {r['path']} attention={r['attention']} "
+        out.append(_skipped(prefill, lambda r: f"{r['model']}: {r.get('path', 'studio')} attention={r['attention']} "
                             f"precision={r['precision']}"))
     agreement = tables.get("agreement") or []
     if agreement:

@@ -16,13 +16,13 @@ import os
 import platform
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
 from studio import backends
 from studio.bench.measure import PeakMemory
-from studio.profiling import roofline
+from studio.profiling import Ceilings, roofline
 
 DEFAULT_LLM = "smollm2-135m"  # the shipped default models
 DEFAULT_DIFFUSION = "fashion-dit"  # the shipped diffusion model (emoji-sd is not trained yet)
@@ -146,6 +146,25 @@ class Results:
             with contextlib.suppress(ImportError):
                 self.meta[package] = __import__(package).__version__
         self.goals: list[dict] = []
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Results":
+        """Results as a bench.json holds them (one run's, or several runs' tables merged, as
+        scripts/gpu-check does), to evaluate the goals or write the report again; on any machine
+        (nothing of the device it ran on is probed)."""
+        known = {f.name for f in fields(Settings)}
+        saved = {k: tuple(v) if isinstance(v, list) and k not in ("llm_models", "llm_shapes", "diffusion_models",
+                                                                  "diffusion_shapes") else v
+                 for k, v in data["meta"]["settings"].items() if k in known}
+        results = cls.__new__(cls)
+        results.settings = Settings(**saved)
+        results.device = torch.device(results.settings.device)
+        results.meta = dict(data["meta"])
+        results.tables = {name: list(data["tables"].get(name, [])) for name in TABLES}
+        results.models = list(data.get("models") or [])
+        results.ceilings = Ceilings(**data["ceilings"]) if data.get("ceilings") else None
+        results.goals = []
+        return results
 
     def add(self, table: str, row: dict) -> dict:
         self.tables[table].append(row)
