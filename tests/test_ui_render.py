@@ -149,10 +149,10 @@ def test_the_default_models_and_their_examples_come_from_the_manifest(tmp_path):
     assert examples(["fashion-dit"])[:2] == [["fashion-dit", "sneaker"], ["fashion-dit", "dress"]]
     assert allow_list("diffusion", {"diffusion": ["/data/my-sd"]})[0] == assets.default_model("diffusion")
     # shipping emoji-sd (adding it to the manifest) makes it the default, with no code change
-    manifest = json.loads(assets.MANIFEST.read_text())
-    entry = dict(manifest["models"][-1], name="emoji-sd", example_prompt="red apple",
+    shipped = [m for m in json.loads(assets.MANIFEST.read_text())["models"] if m["name"] != "emoji-sd"]
+    entry = dict(next(m for m in shipped if m["name"] == "fashion-dit"), name="emoji-sd", example_prompt="red apple",
                  example_prompts=["rocket", "dog face"])
-    (tmp_path / "manifest.json").write_text(json.dumps({"models": manifest["models"] + [entry]}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"models": shipped + [entry]}))
     assert assets.default_model("diffusion", tmp_path / "manifest.json") == "emoji-sd"
     assert assets.example_prompts("emoji-sd", tmp_path / "manifest.json") == ["red apple", "rocket", "dog face"]
 
