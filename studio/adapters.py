@@ -283,6 +283,27 @@ def merged(components: dict[str, nn.Module], adapter: Adapter, scale: float = 1.
                 weight.copy_(original)
 
 
+def random_adapter(name: str, components: dict[str, nn.Module], targets: tuple[str, ...], rank: int = 8,
+                   seed: int = 0) -> Adapter:
+    """A LoRA of `rank` on every linear layer whose name ends in one of `targets`, with random
+    weights (both matrices non-zero, scaled small): for measuring what an adapter of that shape
+    costs, where what it learned does not matter."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = []
+    for component, model in components.items():
+        for module_name, module in model.named_modules():
+            weight = getattr(module, "weight", None)
+            if not module_name.endswith(targets) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+                continue
+            out_features, in_features = weight.shape
+            down = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+            up = torch.randn(out_features, rank, generator=generator) * 0.01
+            layers.append(LoraLayer(component, module_name, down.to(weight.dtype), up.to(weight.dtype), 1.0))
+    if not layers:
+        raise ValueError(f"no linear layer ends in {', '.join(targets)}")
+    return Adapter(name, "random weights", tuple(layers))
+
+
 # ---------------------------------------------------------------------------------------------
 # What an adapter costs against its base (`studio inspect ADAPTER`, the app's Inspector)
 

@@ -158,8 +158,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    import json
     import time
-    from pathlib import Path
 
     from studio import bench
     from studio import inspector
@@ -178,14 +178,22 @@ def cmd_bench(args) -> int:
         diffusion_models=args.diffusion or [], diffusion_shapes=diffusion_shapes, lanes=lanes, draft=args.draft,
         repeats=args.repeats, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
         prefill_tokens=args.prefill_tokens, steps=args.steps, image_size=args.image_size,
-        attention_seq=args.attention_seq, threads=args.threads,
+        attention_seq=args.attention_seq, threads=args.threads, image_repeats=args.image_repeats,
         attention_kernels=tuple(args.attention.split(",")) if args.attention else None,
+        precisions=tuple(args.precision.split(",")) if args.precision else None,
+        llm_rows=tuple(args.llm_rows.split(",")) if args.llm_rows else None,
+        diffusion_rows=tuple(args.diffusion_rows.split(",")) if args.diffusion_rows else None,
     )
     started = time.perf_counter()
-    results = bench.run_suite(settings, progress=not args.no_progress)
+    out = Path(args.out or f"results/{time.strftime('%Y%m%d-%H%M%S')}-{settings.device}{'-quick' if args.quick else ''}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    def so_far(results):  # bench.json after every workload: a run cut off keeps what it measured
+        (out / "bench.json").write_text(json.dumps(results.to_json(), indent=1, default=str))
+
+    results = bench.run_suite(settings, progress=not args.no_progress, after_task=so_far)
     results.meta["command"] = "studio " + " ".join(args.argv)
     results.meta["wall_s"] = round(time.perf_counter() - started, 1)
-    out = Path(args.out or f"results/{time.strftime('%Y%m%d-%H%M%S')}-{settings.device}{'-quick' if args.quick else ''}")
     paths = bench.write_results(results, out)
     data = results.to_json()
     # the comparison the inspector's predictions owe, and the goals, on the terminal
@@ -363,6 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int)
     p.add_argument("--attention-seq", type=int, help="sequence length of the attention kernels table")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--precision", help="only these precisions (comma-separated), besides the model's own")
+    p.add_argument("--image-repeats", type=int, help="timed images per diffusion row")
+    p.add_argument("--llm-rows", help="only these kinds of LLM rows (comma-separated; 'none' for none): "
+                   "default, kernels, precisions, no-cache, speculative, events, fast, fast-events, fast-own-dtype, "
+                   "fast-int8, adapter, generate, generate-static, llama.cpp, prefill, first-token, agreement")
+    p.add_argument("--diffusion-rows", help="only these kinds of diffusion rows (comma-separated; 'none' for none): "
+                   "stock, stock-compiled, plain, default, kernels, precisions, sequential, cfg-off, previews, "
+                   "compiled, adapter")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=cmd_bench)
 

@@ -17,6 +17,7 @@ from transformers import DynamicCache
 
 from pipelines.fast_decode import CapturedStep, FastDecoder, StepSampler, cpu_weight_format
 from pipelines.fast_llama import MIN_CACHE_LENGTH, cache_length
+from pipelines.generation import cache_keyword
 from pipelines.fast_diffusion import enable_fast_path, warm_up
 from pipelines.sampling import SamplingSettings
 from pipelines.text_generation import TextGenerationPipeline
@@ -162,7 +163,7 @@ def test_static_cache_is_written_at_input_pos_and_matches_transformers(tokenizer
     # the same sequence through transformers: its dynamic cache holds the same K and V
     reference = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(torch.cat([ids, torch.tensor([tokens[:-1]])], dim=1), past_key_values=reference, use_cache=True)
+        model(torch.cat([ids, torch.tensor([tokens[:-1]])], dim=1), **{cache_keyword(model): reference}, use_cache=True)
     for layer, expected in enumerate(reference.layers):
         torch.testing.assert_close(cache.keys[layer][:, :, :filled], expected.keys, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(cache.values[layer][:, :, :filled], expected.values, atol=1e-5, rtol=1e-4)

@@ -397,6 +397,11 @@ def _run_auto(q, k, v, causal, mask, scale) -> torch.Tensor:
     ones, a 77-token text or one decoding query over a long cache, can differ), the next kernel in
     line, and that kernel is passed over for inputs of this kind for good. Plain SDPA runs
     everything, so its failure is the inputs' and is raised."""
+    if torch.compiler.is_compiling():
+        # traced once into a compiled graph: the built-in choice for these inputs is a constant of
+        # the graph (a kernel that fails there fails the compile, which the lanes fall back from)
+        name = _built_in_choice(q.device, q.dtype, q.shape[-1], mask is not None, q.shape[1] != k.shape[1], causal)
+        return run_kernel(name, q, k, v, causal, mask, scale)
     kind = (q.device, q.dtype, q.shape[-1], mask is not None, q.shape[1] != k.shape[1], causal, q.shape[-2] == 1)
     while True:
         choice = choose_attention(q, k, v, causal=causal, mask=mask, excluded=frozenset(_AUTO_FAILED.get(kind, ())))
@@ -428,6 +433,12 @@ def choose_attention(q, k, v, causal: bool = False, mask: torch.Tensor | None = 
         skipped.append(f"{name}: {reason}")
     choice = _choose(q.device, q.dtype, q.shape[-1], mask is not None, q.shape[1] != k.shape[1], causal, excluded)
     return AutoChoice(choice.name, choice.reason + "".join(f"; skipped {why}" for why in skipped)) if skipped else choice
+
+
+@torch.compiler.assume_constant_result
+def _built_in_choice(device, dtype, head_dim, masked, gqa, causal) -> str:
+    """_choose's kernel name, run at trace time rather than traced."""
+    return _choose(device, dtype, head_dim, masked, gqa, causal).name
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,6 +9,7 @@ of the lanes. Never imports another lane of the bench, the goals, the report or 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import statistics
@@ -41,7 +42,9 @@ from studio.bench.results import (
     peak_key,
     precision_grid,
     table_row,
+    wants,
 )
+from studio.adapters import merged, random_adapter
 from studio.bench.shapes import build_diffusion_shape, reference_name
 
 
@@ -61,31 +64,64 @@ class DiffusionBench:
         self.stock_step_ms: float | None = None
 
     def tasks(self):
-        tasks = [(f"load {self.model_name}", self.load), (f"{self.name}: stock diffusers", self.stock)]
+        rows = self.settings.diffusion_rows
+        tasks = [(f"load {self.model_name}", self.load)]
+        # the stock pipeline first, while the components are as diffusers built them (the fast path
+        # fuses and re-lays them in place, which a stock row must not benefit from)
+        if wants(rows, "stock"):
+            tasks.append((f"{self.name}: stock diffusers", lambda: self.stock(compiled=False)))
+        if wants(rows, "stock-compiled"):
+            tasks.append((f"{self.name}: stock diffusers compiled", lambda: self.stock(compiled=True)))
         for variant in self.variants():
             tasks.append((f"{self.name}: {self._label(variant)}", lambda v=variant: self.row(v)))
         tasks.append((f"{self.name}: free", self.free))
         return tasks
 
     def variants(self) -> list[dict]:
-        default = dict(attention="auto", precision=None, cfg="batched", preview=None)
-        rows = [dict(default)]
-        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        """The lane's rows, in the order their layouts allow: the plain path, then the device's
+        default (the fast path on CUDA, the plain path on the CPU) and its variants, then compiled."""
+        on_cuda = self.device.type == "cuda"
+        default = dict(row="default", fast_path="on" if on_cuda else "off", attention="auto", precision=None,
+                       cfg="batched", preview=None, adapter=None)
+        rows = [dict(default, row="plain", fast_path="off",
+                     skip=None if on_cuda else "on the CPU the lane's default is the plain path (the default row)")]
+        rows.append(dict(default))
+        dtype = torch.float16 if on_cuda else torch.float32
         for kernel, reason in attention_grid(self.settings, self.device, dtype, "diffusion"):
             if kernel != "auto":
-                rows.append(dict(default, attention=kernel, skip=reason))
+                rows.append(dict(default, row="kernels", attention=kernel, skip=reason))
         for precision, reason in precision_grid(self.settings, self.device, dtype):
             if precision is not None:
-                rows.append(dict(default, precision=precision, skip=reason))
-        rows.append(dict(default, cfg="sequential"))
-        rows.append(dict(default, cfg="off"))
-        rows.append(dict(default, preview="linear", paired={"preview": None}))
-        return rows
+                rows.append(dict(default, row="precisions", precision=precision, skip=reason))
+        rows.append(dict(default, row="sequential", cfg="sequential"))
+        rows.append(dict(default, row="cfg-off", cfg="off"))
+        rows.append(dict(default, row="previews", preview="linear", paired={"preview": None}))
+        rows.append(dict(default, row="adapter", adapter="unmerged"))
+        rows.append(dict(default, row="adapter", adapter="merged"))
+        rows.append(dict(default, row="compiled", fast_path="compiled"))
+        return [row for row in rows if wants(self.settings.diffusion_rows, row["row"])]
 
     @staticmethod
     def _label(v: dict) -> str:
-        return (f"attention={v['attention']} precision={v['precision'] or 'native'} cfg={v['cfg']}"
-                + (f" preview={v['preview']}" if v["preview"] else ""))
+        return (f"attention={v['attention']} precision={v['precision'] or 'native'} cfg={v['cfg']} "
+                f"fast path={v['fast_path']}" + (f" preview={v['preview']}" if v["preview"] else "")
+                + (f" LoRA {v['adapter']}" if v["adapter"] else ""))
+
+    def _lay_out(self, fast_path: str) -> float | None:
+        """Put the pipeline in the row's layout; returns the compile seconds where it compiled. The
+        fast path changes the pipeline in place, for good: rows come in the order that allows."""
+        from pipelines.fast_diffusion import enable_fast_path, warm_up
+
+        report = self.pipe.fast_path_report
+        if fast_path == "off":
+            if report is not None:
+                raise ValueError("the fast path is already on: a plain row must run before it")
+            return None
+        enable_fast_path(self.pipe, compile=fast_path == "compiled")
+        if fast_path != "compiled" or self.pipe.fast_path_report.compile_s is not None:
+            return None
+        kwargs = dict(steps=2, guidance_scale=5.0, height=self.image[0], width=self.image[1], preview=None)
+        return warm_up(self.pipe, self._prompts()[0], **kwargs)
 
     def load(self):
         from studio import assets
@@ -102,7 +138,7 @@ class DiffusionBench:
                 else:
                     from pipelines.latent_diffusion import LatentDiffusionPipeline
 
-                    self.pipe = LatentDiffusionPipeline.from_pretrained(self.name, device=self.device)
+                    self.pipe = LatentDiffusionPipeline.from_pretrained(self.name, device=self.device, fast_path=False)
                 for model in (self.pipe.denoiser, self.pipe.vae, self.pipe.text_encoder):
                     touch(model)
         except (ValueError, OSError) as error:
@@ -152,8 +188,9 @@ class DiffusionBench:
         return dict(model=self.model_name, arch=getattr(self, "arch", None), path=path,
                     attention=v.get("attention", "sdpa (AttnProcessor2_0)" if path != "studio" else None),
                     precision=v.get("precision") or "native", dtype=dtype_name(dtype) if dtype else None,
-                    cfg=v.get("cfg", "batched"), preview=v.get("preview") or "none",
-                    image=f"{image[0]}x{image[1]}" if image else None, steps=self.settings.steps)
+                    fast_path=v.get("fast_path", "off"), cfg=v.get("cfg", "batched"), preview=v.get("preview") or "none",
+                    adapter=v.get("adapter") or "none", image=f"{image[0]}x{image[1]}" if image else None,
+                    steps=self.settings.steps)
 
     def _prompts(self) -> list[str]:
         prompts = _CLASS_PROMPTS if self.pipe.conditioning == "class" else _IMAGE_PROMPTS
@@ -183,8 +220,14 @@ class DiffusionBench:
                       cfg_mode="batched" if v["cfg"] == "off" else v["cfg"], preview=v["preview"],
                       height=self.image[0], width=self.image[1])
         prompts = self._prompts()
-        # a scope, not the shared pipeline's defaults: the variant holds for these runs only
-        with backends.use(attention=v["attention"], precision=v["precision"]):
+        compile_s = self._lay_out(v["fast_path"])
+        adapter = self._adapter() if v["adapter"] else None
+        if v["adapter"] == "unmerged":
+            kwargs["adapter"] = adapter.name
+        # a scope, not the shared pipeline's defaults: the variant holds for these runs only; a
+        # merged adapter is folded into the weights for the row and taken out exactly after it
+        folded = merged(pipe.adapter_components(), adapter) if v["adapter"] == "merged" else contextlib.nullcontext()
+        with backends.use(attention=v["attention"], precision=v["precision"]), folded:
             started = perf_counter()
             self._imagine(prompts[0], 0, kwargs)  # warm-up: FLOP counting and one-off set-up
             warmup_ms = (perf_counter() - started) * 1e3
@@ -201,8 +244,8 @@ class DiffusionBench:
         vae_ms = statistics.median(r["vae_ms"] for r in runs)
         dtype = peak_key(v["precision"], pipe.dtype)
         row = self.results.add("diffusion", table_row(
-            "diffusion", status="ok", repeats=len(runs), warmup_ms=warmup_ms, step_ms=step_ms, step_ms_min=step_min,
-            step_ms_max=step_max, it_s=1e3 / step_ms, tflop_s=flops / step_ms / 1e9,
+            "diffusion", status="ok", repeats=len(runs), warmup_ms=warmup_ms, compile_s=compile_s, step_ms=step_ms,
+            step_ms_min=step_min, step_ms_max=step_max, it_s=1e3 / step_ms, tflop_s=flops / step_ms / 1e9,
             share_of_peak=flops / (step_ms / 1e3) / matmul_peak(self.results.ceilings, dtype), vae_decode_ms=vae_ms,
             vae_tflop_s=runs[0]["vae_flops"] / vae_ms / 1e9 if vae_ms else None,
             image_ms=statistics.median(r["image_ms"] for r in runs), paired_overhead=paired_overhead(runs, off, "image_ms"),
@@ -210,11 +253,19 @@ class DiffusionBench:
         ))
         if self.stock_step_ms and v["cfg"] == "batched":
             row["speedup_vs_stock"] = self.stock_step_ms / step_ms
-        if v == self.variants()[0]:
+        if v["row"] == "default":
             row["_cost"] = {"denoise step": (flops, runs[0]["step_bytes"]),
                             "vae decode": (runs[0]["vae_flops"], runs[0]["vae_bytes"])}
             self._inspect(row, flops)
         return row
+
+    def _adapter(self):
+        """A LoRA of rank 8 on the denoiser's attention projections with random weights, loaded into
+        the pipeline once: what an adapter costs depends on its shape, not on what it learned."""
+        if "bench" not in self.pipe.adapters:
+            components = {k: v for k, v in self.pipe.adapter_components().items() if k != "text_encoder"}
+            self.pipe.adapters["bench"] = random_adapter("bench", components, ("to_q", "to_k", "to_v", "to_out.0"))
+        return self.pipe.adapters["bench"]
 
     def _attention_pairs(self) -> list[int]:
         shape = self.analysis.attention_scores_shape
@@ -250,25 +301,29 @@ class DiffusionBench:
                                    error=relative_error(a.workload("denoise step").flops, step_flops),
                                    method="FlopCounterMode on the meta device vs on the real run (the lane's events)"))
 
-    def stock(self):
+    def stock(self, compiled: bool):
         """The stock diffusers pipeline (StableDiffusionPipeline, DiTPipeline or PixArtAlphaPipeline)
-        built from the same components, with diffusers' own SDPA attention processors. Per step: the
-        device time from the denoiser's start to the end of the scheduler's step (CUDA events
-        recorded by hooks, no sync); the VAE decode likewise."""
-        base = self._base(path="stock diffusers")
+        built from the same components as diffusers loaded them, with diffusers' own SDPA attention
+        processors; compiled: its denoiser wrapped by torch.compile(mode="reduce-overhead"), as
+        shared/ANCHORS.md measured it. Per step: the device time from the denoiser's start to the
+        end of the scheduler's step (CUDA events recorded by hooks, no sync), or, compiled, from
+        one step's end to the next; the VAE decode likewise."""
+        base = self._base(path="stock diffusers compiled" if compiled else "stock diffusers")
         if self.pipe is None:
             return self.results.add("diffusion", table_row("diffusion", status="skipped",
                                                            reason=f"the model did not load: {self.error}", **base))
-        return or_failed(self.results, "diffusion", base, self._stock, base)
+        return or_failed(self.results, "diffusion", base, self._stock, base, compiled)
 
-    def _stock(self, base: dict) -> dict:
+    def _stock(self, base: dict, compiled: bool) -> dict:
         s, pipe = self.settings, self.pipe
+        # compiled: a wrapper (the pipeline's own module stays as it is, for the lane's rows)
+        denoiser = torch.compile(pipe.denoiser, mode="reduce-overhead") if compiled else pipe.denoiser
         try:
-            stock, call = self._stock_pipeline()
+            stock, call = self._stock_pipeline(denoiser)
         except ValueError as error:
             return self.results.add("diffusion", table_row("diffusion", status="skipped", reason=str(error), **base))
         clock = _Marks(self.device)
-        hooks = [pipe.denoiser.register_forward_pre_hook(lambda *a: clock.mark("step"))]
+        hooks = [] if compiled else [pipe.denoiser.register_forward_pre_hook(lambda *a: clock.mark("step"))]
         scheduler_step, vae_decode = stock.scheduler.step, pipe.vae.decode
 
         def step(*args, **kwargs):
@@ -297,8 +352,8 @@ class DiffusionBench:
                     started = perf_counter()
                     call(prompts[(i + 1) % len(prompts)], i + 1)
                     synchronize(self.device)
-                    runs.append(((perf_counter() - started) * 1e3, clock.spans("step", "step end"),
-                                 clock.spans("vae", "vae end")))
+                    steps = clock.gaps("step end") if compiled else clock.spans("step", "step end")
+                    runs.append(((perf_counter() - started) * 1e3, steps, clock.spans("vae", "vae end")))
         finally:
             for hook in hooks:
                 hook.remove()
@@ -307,18 +362,17 @@ class DiffusionBench:
         steps_ms = [ms for _, spans, _ in runs for ms in spans[1:] or spans]  # the first step holds set-up
         step_ms, step_min, step_max = median_spread(steps_ms)
         vae_ms = statistics.median(spans[0] for _, _, spans in runs if spans)
-        self.stock_step_ms = step_ms
-        for row in self.results.tables["diffusion"]:
-            if row["model"] == self.model_name and row["path"] == "studio" and row["cfg"] == "batched" and row["step_ms"]:
-                row["speedup_vs_stock"] = step_ms / row["step_ms"]
+        if not compiled:
+            self.stock_step_ms = step_ms
         return self.results.add("diffusion", table_row(
             "diffusion", status="ok", repeats=len(runs), warmup_ms=warmup_ms, step_ms=step_ms, step_ms_min=step_min,
             step_ms_max=step_max, it_s=1e3 / step_ms, vae_decode_ms=vae_ms,
-            image_ms=statistics.median(r[0] for r in runs), speedup_vs_stock=1.0, weights_bytes=self.weights_bytes,
+            image_ms=statistics.median(r[0] for r in runs), weights_bytes=self.weights_bytes,
+            speedup_vs_stock=self.stock_step_ms / step_ms if self.stock_step_ms else None,
             peak_mem_bytes=memory.peak, peak_growth_bytes=memory.growth, **base,
         ))
 
-    def _stock_pipeline(self):
+    def _stock_pipeline(self, denoiser):
         from diffusers import DiTPipeline, PixArtAlphaPipeline, StableDiffusionPipeline
 
         s, pipe = self.settings, self.pipe
@@ -326,7 +380,7 @@ class DiffusionBench:
         height, width = self.image
         if pipe.is_unet:
             stock = StableDiffusionPipeline(
-                vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.denoiser,
+                vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=denoiser,
                 scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             )
 
@@ -337,14 +391,14 @@ class DiffusionBench:
             if pipe.denoiser.config.num_embeds_ada_norm != 1000:
                 raise ValueError("diffusers' DiTPipeline hard-codes the null class 1000 (ImageNet's); this model has "
                                  f"{pipe.denoiser.config.num_embeds_ada_norm} classes")
-            stock = DiTPipeline(transformer=pipe.denoiser, vae=pipe.vae, scheduler=scheduler)
+            stock = DiTPipeline(transformer=denoiser, vae=pipe.vae, scheduler=scheduler)
 
             def call(prompt, seed):
                 return stock(class_labels=[int(prompt)], num_inference_steps=s.steps, guidance_scale=5.0,
                              generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
         else:
             stock = PixArtAlphaPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
-                                        transformer=pipe.denoiser, scheduler=scheduler)
+                                        transformer=denoiser, scheduler=scheduler)
 
             def call(prompt, seed):
                 return stock(prompt, num_inference_steps=s.steps, guidance_scale=5.0, height=height, width=width,
@@ -395,6 +449,15 @@ class _Marks:
 
     def clear(self):
         self.marks = []
+
+    def gaps(self, kind: str) -> list[float]:
+        """Milliseconds between consecutive marks of `kind`."""
+        stamps = [stamp for k, stamp in self.marks if k == kind]
+        if self.device.type == "cuda":
+            for stamp in stamps:
+                stamp.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(stamps, stamps[1:])]
+        return [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
 
     def spans(self, start: str, end: str) -> list[float]:
         """Milliseconds from each `start` mark to the next `end` mark."""

@@ -47,7 +47,9 @@ from studio.bench.results import (
     precision_grid,
     roofline_share,
     table_row,
+    wants,
 )
+from studio.adapters import merged, random_adapter
 from studio.bench.shapes import build_llm_shape, reference_name
 from studio.cost import decoder_step_cost
 
@@ -73,15 +75,20 @@ class LLMBench:
     def tasks(self):
         s = self.settings
         tasks = [(f"load {self.model_name}", self.load)]
-        tasks.append((f"{self.name}: generate()", lambda: self.stock(static=False)))
-        if self.device.type == "cuda" and not s.quick:
+        rows = s.llm_rows
+        if wants(rows, "generate"):
+            tasks.append((f"{self.name}: generate()", lambda: self.stock(static=False)))
+        if self.device.type == "cuda" and not s.quick and wants(rows, "generate-static"):
             tasks.append((f"{self.name}: generate(static)", lambda: self.stock(static=True)))
-        tasks.append((f"{self.name}: llama.cpp", self.llamacpp_row))
+        if wants(rows, "llama.cpp"):
+            tasks.append((f"{self.name}: llama.cpp", self.llamacpp_row))
         for variant in self.variants():
             tasks.append((f"{self.name}: {self._label(variant)}", lambda v=variant: self.decode_row(v)))
-        tasks.append((f"{self.name}: prefill", lambda: prefill_rows(self)))
-        tasks.append((f"{self.name}: time to first token", lambda: first_token_rows(self)))
-        tasks.append((f"{self.name}: precision agreement", self.agreement))
+        for kind, label, task in (("prefill", "prefill", lambda: prefill_rows(self)),
+                                  ("first-token", "time to first token", lambda: first_token_rows(self)),
+                                  ("agreement", "precision agreement", self.agreement)):
+            if wants(rows, kind):
+                tasks.append((f"{self.name}: {label}", task))
         tasks.append((f"{self.name}: free", self.free))
         return tasks
 
@@ -94,34 +101,37 @@ class LLMBench:
         the fast path on wherever it helps, under a label saying "off"."""
         from pipelines.fast_decode import cpu_weight_format
 
-        default = dict(attention="auto", precision=None, cache=True, fast_path=False, speculative=None, top_logprobs=0,
-                       weights=None)
+        default = dict(row="default", attention="auto", precision=None, cache=True, fast_path=False, speculative=None,
+                       top_logprobs=0, weights=None, adapter=None)
         rows = [dict(default)]
         dtype = self._dtype()
         for kernel, reason in attention_grid(self.settings, self.device, dtype, "llm"):
             if kernel != "auto":
-                rows.append(dict(default, attention=kernel, skip=reason))
+                rows.append(dict(default, row="kernels", attention=kernel, skip=reason))
         for precision, reason in precision_grid(self.settings, self.device, dtype):
             if precision is not None:
-                rows.append(dict(default, precision=precision, skip=reason))
+                rows.append(dict(default, row="precisions", precision=precision, skip=reason))
         n = self.settings.new_tokens
-        rows.append(dict(default, cache=False, new_tokens=min(self.settings.cacheless_tokens or n, n)))
-        rows.append(dict(default, speculative="prompt-lookup"))
-        rows.append(dict(default, speculative="self"))
-        rows.append(dict(default, speculative="draft",
-                         skip=None if self.settings.draft else "no draft model: pass --draft MODEL (sharing the tokenizer)"))
+        rows.append(dict(default, row="no-cache", cache=False, new_tokens=min(self.settings.cacheless_tokens or n, n)))
+        for mode in ("prompt-lookup", "self", "draft"):
+            rows.append(dict(default, row="speculative", speculative=mode, skip=None if mode != "draft" or self.settings.draft
+                             else "no draft model: pass --draft MODEL (sharing the tokenizer)"))
         # paired: each timed run alternates with one without the alternatives, so drift hits both alike
-        rows.append(dict(default, top_logprobs=5, paired={"top_logprobs": 0}))
+        rows.append(dict(default, row="events", top_logprobs=5, paired={"top_logprobs": 0}))
+        # a LoRA adapter (rank 8 on the attention projections, random weights: its cost is its shape)
+        # run unmerged, as the lane runs adapters, and folded into the weights
+        rows.append(dict(default, row="adapter", adapter="unmerged"))
+        rows.append(dict(default, row="adapter", adapter="merged"))
         # the fast path, in an order that compiles each decoder once: a precision change rebuilds it
-        fast = dict(default, fast_path=True, weights="auto")
+        fast = dict(default, row="fast", fast_path=True, weights="auto")
         rows.append(fast)
-        rows.append(dict(fast, top_logprobs=5, paired={"top_logprobs": 0}))
+        rows.append(dict(fast, row="fast-events", top_logprobs=5, paired={"top_logprobs": 0}))
         if cpu_weight_format(self.device)[0] is not None:  # "auto" is not the model's own dtype here
-            rows.append(dict(fast, weights=None, skip="--quick compiles the fast path twice (auto weights and int8); "
-                             "run without --quick for its fp32 row" if self.settings.quick else None))
+            rows.append(dict(fast, row="fast-own-dtype", weights=None, skip="--quick compiles the fast path twice (auto "
+                             "weights and int8); run without --quick for its fp32 row" if self.settings.quick else None))
         int8 = dict(precision_grid(self.settings, self.device, dtype)).get("int8", "int8 is not registered")
-        rows.append(dict(fast, precision="int8", skip=int8))
-        return rows
+        rows.append(dict(fast, row="fast-int8", precision="int8", skip=int8))
+        return [row for row in rows if wants(self.settings.llm_rows, row["row"])]
 
     @staticmethod
     def _pipeline_class():
@@ -144,6 +154,8 @@ class LLMBench:
             parts.append(f"speculative={v['speculative']}")
         if v["top_logprobs"]:
             parts.append(f"top_logprobs={v['top_logprobs']}")
+        if v["adapter"]:
+            parts.append(f"LoRA {v['adapter']}")
         return " ".join(parts)
 
     def load(self):
@@ -218,7 +230,8 @@ class LLMBench:
                     precision=v.get("precision") or "native", dtype=dtype_name(self._dtype()), weights=self._weights(v),
                     cache="on" if v.get("cache", True) else "off", fast_path="on" if v.get("fast_path") else "off",
                     speculative=v.get("speculative") or "none", top_logprobs=v.get("top_logprobs", 0),
-                    prompt_tokens=self.settings.prompt_tokens, new_tokens=v.get("new_tokens") or self.settings.new_tokens)
+                    adapter=v.get("adapter") or "none", prompt_tokens=self.settings.prompt_tokens,
+                    new_tokens=v.get("new_tokens") or self.settings.new_tokens)
 
     def _weights(self, v: dict) -> str:
         """The format the matmuls read the weights in: the precision asked for, else on the fast
@@ -324,8 +337,13 @@ class LLMBench:
             self._fast_decoder(v)
             self._compile_seconds()  # what compiled before this row is not this row's
             llm.fast_path_error = None
-        # a scope, not the shared pipeline's defaults: the variant holds for these runs only
-        with backends.use(attention=v["attention"], precision=v["precision"]):
+        adapter = self._adapter() if v["adapter"] else None
+        if v["adapter"] == "unmerged":
+            kwargs["adapter"] = warm["adapter"] = adapter.name
+        # a scope, not the shared pipeline's defaults: the variant holds for these runs only; a
+        # merged adapter is folded into the weights for the row and taken out exactly after it
+        folded = merged({"model": llm.model}, adapter) if v["adapter"] == "merged" else contextlib.nullcontext()
+        with backends.use(attention=v["attention"], precision=v["precision"]), folded:
             started = perf_counter()
             for prompt in prompts[: s.warmup]:
                 self.generate(prompt, warm)
@@ -385,10 +403,18 @@ class LLMBench:
         ))
         if self.stock_tok_s and tok_s:
             row["speedup_vs_stock"] = tok_s / self.stock_tok_s
-        if v == self.variants()[0]:
+        if v["row"] == "default":
             row["_cost"] = {"prefill": (prefill_flops, runs[0]["prefill_bytes"]), "decode": (flops_tok, bytes_tok)}
             self._inspect_decode(row, runs, kv_tokens)
         return row
+
+    def _adapter(self):
+        """A LoRA of rank 8 on the model's attention projections with random weights, loaded into
+        the pipeline once: what an adapter costs depends on its shape, not on what it learned."""
+        if "bench" not in self.llm.adapters:
+            self.llm.adapters["bench"] = random_adapter("bench", {"model": self.llm.model},
+                                                        ("q_proj", "k_proj", "v_proj", "o_proj"), rank=8)
+        return self.llm.adapters["bench"]
 
     def generate(self, prompt: str, kwargs: dict) -> dict:
         """One generation, timed on the host (time to first token, decode tokens/s) and from the

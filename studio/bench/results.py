@@ -33,7 +33,7 @@ QUICK_ATTENTION = ("auto", "eager", "tiled")  # the kernels --quick runs in the 
 COLUMNS = {
     "llm": [
         "model", "arch", "path", "attention", "precision", "dtype", "weights", "cache", "fast_path", "speculative",
-        "top_logprobs", "status", "reason", "prompt_tokens", "new_tokens", "repeats", "warmup_ms", "compile_s",
+        "top_logprobs", "adapter", "status", "reason", "prompt_tokens", "new_tokens", "repeats", "warmup_ms", "compile_s",
         "ttft_ms", "ttft_ms_min", "ttft_ms_max", "prefill_ms", "prefill_tok_s", "prefill_tflop_s",
         "prefill_share_of_peak", "decode_tok_s", "decode_tok_s_min", "decode_tok_s_max", "decode_step_ms",
         "decode_gb_s", "decode_share_of_roofline", "speedup_vs_stock", "acceptance_rate", "run_ms", "paired_overhead",
@@ -51,8 +51,9 @@ COLUMNS = {
         "max_logit_difference", "ms",
     ],
     "diffusion": [
-        "model", "arch", "path", "attention", "precision", "dtype", "cfg", "preview", "status", "reason", "image",
-        "steps", "repeats", "warmup_ms", "step_ms", "step_ms_min", "step_ms_max", "it_s", "tflop_s",
+        "model", "arch", "path", "attention", "precision", "dtype", "fast_path", "cfg", "preview", "adapter", "status",
+        "reason", "image",
+        "steps", "repeats", "warmup_ms", "compile_s", "step_ms", "step_ms_min", "step_ms_max", "it_s", "tflop_s",
         "share_of_peak", "vae_decode_ms", "vae_tflop_s", "image_ms", "paired_overhead", "speedup_vs_stock",
         "weights_bytes",
         "peak_mem_bytes", "peak_growth_bytes",
@@ -69,6 +70,14 @@ COLUMNS = {
     "inspector": ["model", "quantity", "unit", "predicted", "measured", "error", "method"],
 }
 TABLES = tuple(COLUMNS)
+
+
+# The kinds of rows each lane's table has, for Settings.llm_rows / diffusion_rows (--llm-rows ...):
+LLM_ROWS = ("default", "kernels", "precisions", "no-cache", "speculative", "events", "fast", "fast-events",
+            "fast-own-dtype", "fast-int8", "adapter", "generate", "generate-static", "llama.cpp", "prefill",
+            "first-token", "agreement")
+DIFFUSION_ROWS = ("stock", "stock-compiled", "plain", "default", "kernels", "precisions", "sequential", "cfg-off",
+                  "previews", "compiled", "adapter")
 
 
 @dataclass
@@ -94,6 +103,9 @@ class Settings:
     attention_repeats: int = 10
     attention_kernels: tuple[str, ...] | None = None  # None: every kernel
     precisions: tuple[str, ...] | None = None  # None: every precision the device has
+    # which rows to run (None: all that apply on the device); see LLM_ROWS and DIFFUSION_ROWS
+    llm_rows: tuple[str, ...] | None = None
+    diffusion_rows: tuple[str, ...] | None = None
     cacheless_tokens: int | None = None  # new tokens of the cache-off row (None: new_tokens; its cost is quadratic)
     threads: int | None = None  # torch CPU threads (None: torch's default)
 
@@ -115,11 +127,20 @@ class Settings:
         for name, value in overrides.items():
             if value is not None:
                 setattr(settings, name, value)
+        for rows, known in ((settings.llm_rows, LLM_ROWS), (settings.diffusion_rows, DIFFUSION_ROWS)):
+            unknown = sorted(set(rows or ()) - set(known) - {"none"})
+            if unknown:
+                raise ValueError(f"unknown row kind {', '.join(unknown)}; the kinds are {', '.join(known)} (or none)")
         if not (settings.llm_models or settings.llm_shapes):
             settings.llm_models = [DEFAULT_LLM]
         if not (settings.diffusion_models or settings.diffusion_shapes):
             settings.diffusion_models = [DEFAULT_DIFFUSION]
         return settings
+
+
+def wants(rows: tuple[str, ...] | None, kind: str) -> bool:
+    """Whether Settings.llm_rows / diffusion_rows ask for rows of `kind` (None: every kind)."""
+    return rows is None or kind in rows
 
 
 class Results:

@@ -92,8 +92,10 @@ def build_diffusion_shape(name: str, device, dtype: torch.dtype):
         tokens = loaded.components["text_encoder"].get("max_position_embeddings", 77) if is_unet else TRANSFORMER_PROMPT_TOKENS
         tokenizer = byte_tokenizer(max_length=tokens)
     text_encoder = text_encoder.to(device).eval() if text_encoder is not None else None
+    # the plain layout, as diffusers builds the models: the bench turns the fast path on for its rows
     return LatentDiffusionPipeline(
-        denoiser.to(device).eval(), vae.to(device).eval(), scheduler, text_encoder, tokenizer, device=device
+        denoiser.to(device).eval(), vae.to(device).eval(), scheduler, text_encoder, tokenizer, device=device,
+        fast_path=False,
     )
 
 

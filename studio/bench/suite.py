@@ -36,8 +36,10 @@ def _quiet():
     warnings.filterwarnings("ignore", message=".*invalid value encountered.*")
 
 
-def run_suite(settings: Settings, progress: bool = True, verbose: bool = False) -> Results:
-    """Run every workload the settings ask for and return the results (nothing is written)."""
+def run_suite(settings: Settings, progress: bool = True, verbose: bool = False, after_task=None) -> Results:
+    """Run every workload the settings ask for and return the results. after_task(results), if
+    given, is called after every workload: `studio bench` writes bench.json there, so that a run
+    cut off keeps what it measured."""
     from tqdm import tqdm
 
     _quiet()
@@ -76,6 +78,8 @@ def run_suite(settings: Settings, progress: bool = True, verbose: bool = False) 
                 traceback.print_exc()
             print(f"studio bench: {label}: {first_line(error)}", file=sys.stderr)
         results.meta["task_s"][label] = round(perf_counter() - started, 2)
+        if after_task is not None:
+            after_task(results)
         bar.update()
     bar.close()
     side_by_side(results)
