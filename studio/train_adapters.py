@@ -1,10 +1,10 @@
 """Training the shipped LoRA adapters, one per lane, and measuring what each changes.
 
-    emoji-describer   for smollm2-135m: writes an emoji's CLDR keywords after its name ("pizza:" ->
-                      " cheese, slice"); trained on the English CLDR annotations (Debian
-                      unicode-cldr-core) with general English replayed beside them, measured by
-                      held-out perplexity on the annotations and on general English (the GPL-3 text
-                      every Debian ships in /usr/share/common-licenses, never trained on)
+    emoji-describer   for smollm2-135m: writes an emoji's CLDR keywords after its name ("hot
+                      beverage:" -> " beverage, coffee, tea, drink"); trained on the English CLDR
+                      annotations (Debian unicode-cldr-core) with general English replayed beside
+                      them, measured by held-out perplexity on the annotations and on general English
+                      never trained on: the GPL-3 text Debian ships, and Python's reference documentation
     symbola-outline   for emoji-sd: draws an emoji in the black outline style of the Symbola font
                       (Debian fonts-symbola) instead of Noto's colour; measured by a nearest-neighbour
                       judge between the Symbola and the Noto render of each prompted emoji
@@ -80,9 +80,23 @@ def general_windows(tokenizer, files: list[Path], length: int = 128) -> list[lis
     for file in files:
         if not file.is_file():
             raise FileNotFoundError(f"{file} is missing (it comes with Debian's base-files)")
-        ids = tokenizer(file.read_text(), add_special_tokens=False)["input_ids"]
-        windows += [ids[i:i + length] for i in range(0, len(ids) - length, length)]
+        windows += windows_of(tokenizer, file.read_text(), length)
     return windows
+
+
+def windows_of(tokenizer, text: str, length: int) -> list[list[int]]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [ids[i:i + length] for i in range(0, len(ids) - length, length)]
+
+
+def documentation_windows(tokenizer, held_out: bool, length: int = 128, count: int = 200) -> list[list[int]]:
+    """General English prose: Python's own reference documentation (`pydoc_data`, in every
+    Python), alternate topics for training (replayed) and for measuring (held out), `count`
+    windows of the chosen half."""
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)[int(held_out)::2]
+    return windows_of(tokenizer, "\n\n".join(topics[name] for name in names), length)[:count]
 
 
 @torch.no_grad()
@@ -114,6 +128,7 @@ def train_emoji_describer(out: Path, steps: int, seed: int = 0) -> dict:
     train_lines, _ = split(emoji_lines())
     encoded = [tokenizer(line, add_special_tokens=False)["input_ids"] for line in train_lines]
     replay = general_windows(tokenizer, REPLAY_TEXTS, length=48)
+    replay += documentation_windows(tokenizer, held_out=False, length=48, count=len(replay))
     # the attention projections of every block, rank 8: 1.8 M parameters, 1.4 % of the model
     config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -121,15 +136,15 @@ def train_emoji_describer(out: Path, steps: int, seed: int = 0) -> dict:
     model = inject_adapter_in_model(config, llm.model)
     for parameter_name, parameter in model.named_parameters():
         parameter.requires_grad = "lora_" in parameter_name
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
     curve, started = [], time.perf_counter()
     model.train()
     for step in range(steps):
         for group in optimizer.param_groups:  # warm up, then cosine down to a tenth
-            group["lr"] = 5e-4 * min(1.0, (step + 1) / 30) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
-        # twelve annotation lines and four windows of general English in every batch
-        batch = [encoded[i] for i in torch.randint(len(encoded), (12,), generator=generator).tolist()]
-        batch += [replay[i] for i in torch.randint(len(replay), (4,), generator=generator).tolist()]
+            group["lr"] = 3e-4 * min(1.0, (step + 1) / 30) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+        # eight annotation lines and eight windows of general English in every batch
+        batch = [encoded[i] for i in torch.randint(len(encoded), (8,), generator=generator).tolist()]
+        batch += [replay[i] for i in torch.randint(len(replay), (8,), generator=generator).tolist()]
         width = max(len(s) for s in batch)
         ids = torch.tensor([s + [tokenizer.pad_token_id or 0] * (width - len(s)) for s in batch])
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch])
@@ -157,11 +172,12 @@ def train_emoji_describer(out: Path, steps: int, seed: int = 0) -> dict:
         architecture="LoRA rank 8 (alpha 16) on q/k/v/o of all 30 blocks of SmolLM2-135M",
         training_data=f"{len(train_lines)} of the {len(train_lines) + len(split(emoji_lines())[1])} English CLDR emoji "
                       "annotations, one line each: '<name>: <keywords>' (every tenth held out), with general English "
-                      "(Debian's Apache-2.0, MPL-2.0, Artistic and GFDL-1.3 license texts) replayed beside them",
+                      "replayed beside them: Debian's Apache-2.0, MPL-2.0, Artistic and GFDL-1.3 license texts and "
+                      "half the topics of Python's reference documentation (pydoc_data)",
         training_data_license="Unicode License v3 (CLDR annotations, Debian package unicode-cldr-core); the license "
-                              "texts' own terms (Debian package base-files)",
-        source=f"trained by `studio train emoji-describer` ({steps} steps, batch 16, seed {seed})",
-        format="peft", example_prompt="pizza:",
+                              "texts' own terms (Debian package base-files); PSF License (Python's documentation)",
+        source=f"trained by `studio train emoji-describer` ({steps} steps, batch 8 + 8 replayed, seed {seed})",
+        format="peft", example_prompt="hot beverage:",
     )
     return {"loss": curve, "seconds": time.perf_counter() - started}
 
@@ -176,23 +192,24 @@ def evaluate_emoji_describer(folder: Path) -> dict:
     name = llm.load_adapter(str(folder), name="emoji-describer")
     _, held_out = split(emoji_lines())
     domain = [llm.tokenizer(line, add_special_tokens=False)["input_ids"] for line in held_out]
-    general = general_windows(llm.tokenizer, [GENERAL_TEXT])
-    results = {"held_out_lines": len(domain), "general_windows": len(general)}
+    general = {"licenses": general_windows(llm.tokenizer, [GENERAL_TEXT]),
+               "documentation": documentation_windows(llm.tokenizer, held_out=True)}
+    results = {"held_out_lines": len(domain), "general_windows": {k: len(v) for k, v in general.items()}}
     for label, adapter in (("base", None), ("adapter", llm.adapters[name])):
         with attached({"model": llm.model}, adapter):
-            results[label] = {"domain_perplexity": perplexity(llm.model, domain),
-                              "general_perplexity": perplexity(llm.model, general)}
-    results["domain_change"] = results["adapter"]["domain_perplexity"] / results["base"]["domain_perplexity"] - 1
-    results["general_change"] = results["adapter"]["general_perplexity"] / results["base"]["general_perplexity"] - 1
+            results[label] = {"domain_perplexity": perplexity(llm.model, domain)}
+            for kind, windows in general.items():
+                results[label][f"{kind}_perplexity"] = perplexity(llm.model, windows)
+    for key in ("domain", "licenses", "documentation"):
+        results[f"{key}_change"] = results["adapter"][f"{key}_perplexity"] / results["base"][f"{key}_perplexity"] - 1
     samples = {}
-    for prompt in ("pizza:", "rocket:", "dog face:", "hot beverage:"):  # names the training lines hold too
+    for prompt in ("hot beverage:", "pizza:", "rocket:", "dog face:"):  # names the training lines hold too
         samples[prompt] = {label: llm(prompt, max_new_tokens=12, adapter=adapter, fast_path=False, stop="\n").text
                            for label, adapter in (("base", None), ("adapter", name))}
     results["samples"] = samples
-    print(f"emoji-describer: domain perplexity {results['base']['domain_perplexity']:.1f} -> "
-          f"{results['adapter']['domain_perplexity']:.1f} ({results['domain_change']:+.0%}), general "
-          f"{results['base']['general_perplexity']:.1f} -> {results['adapter']['general_perplexity']:.1f} "
-          f"({results['general_change']:+.1%})", flush=True)
+    print("emoji-describer: " + ", ".join(
+        f"{key} perplexity {results['base'][f'{key}_perplexity']:.1f} -> {results['adapter'][f'{key}_perplexity']:.1f} "
+        f"({results[f'{key}_change']:+.1%})" for key in ("domain", "licenses", "documentation")), flush=True)
     return results
 
 
