@@ -27,3 +27,11 @@ def tokenizer():
     from tiny_models import byte_tokenizer  # here: the tests that need no model load no model library
 
     return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def lora_folder(tmp_path_factory):
+    """A diffusers LoRA for the tiny SD, one per test module."""
+    from tiny_models import save_diffusers_lora
+
+    return save_diffusers_lora(tmp_path_factory.mktemp("sd-lora"))

@@ -7,16 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
-from peft.utils import get_peft_model_state_dict
+from peft import PeftModel
 from serving import serving
-from tiny_models import (
-    generate_image,
-    stock_sd,
-    studio_pipeline,
-    tiny_llm,
-    tiny_sd_components,
-)
+from tiny_models import generate_image, save_peft_adapter, stock_sd, studio_pipeline, tiny_llm, tiny_sd_components
 
 from pipelines.text_generation import TextGenerationPipeline
 from studio.adapters import merged
@@ -27,16 +20,6 @@ PROMPT = "The cat sat on the mat. The cat sat"
 # peft 0.21 (PeftModel, the reference these tests compare with) calls a transformers method that
 # transformers 5.24 deprecates; the studio itself calls neither
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
-
-
-def save_peft_adapter(folder, family="llama", targets=("q_proj", "v_proj"), rank=4, **model_config):
-    """A peft LoRA with non-zero weights on both matrices (init_lora_weights=False), as training leaves it."""
-    torch.manual_seed(1)
-    model = get_peft_model(tiny_llm(family, **model_config), LoraConfig(
-        r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False, task_type="CAUSAL_LM",
-        fan_in_fan_out=family == "gpt2"))  # GPT-2's Conv1D layers store their weights transposed
-    model.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -136,27 +119,6 @@ def test_every_bad_adapter_is_a_clear_error_and_the_base_keeps_working(tmp_path,
 
 # ---------------------------------------------------------------------------------------------
 # The diffusion lane
-
-
-@pytest.fixture(scope="module")
-def lora_folder(tmp_path_factory):
-    """A diffusers LoRA for the tiny SD's UNet and text encoder, written by diffusers itself."""
-    from diffusers import StableDiffusionPipeline
-
-    torch.manual_seed(2)
-    pipe = stock_sd(tiny_sd_components())
-    unet_config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
-                             init_lora_weights=False)  # convolutions too, as a style adapter needs
-    text_config = LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    pipe.unet.add_adapter(unet_config)
-    inject_adapter_in_model(text_config, pipe.text_encoder)  # peft's own (transformers' add_adapter wants a newer peft)
-    folder = tmp_path_factory.mktemp("sd-lora")
-    StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
-        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
-        unet_lora_adapter_metadata=unet_config.to_dict(), text_encoder_lora_adapter_metadata=text_config.to_dict(),
-    )
-    return folder
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])

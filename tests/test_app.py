@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from gradio_client import Client
 from PIL import Image
-from test_adapters import lora_folder, save_peft_adapter  # noqa: F401 (lora_folder: a fixture, used by name)
-from tiny_models import byte_tokenizer, stock_sd, tiny_llm, tiny_sd_components
+from tiny_models import byte_tokenizer, save_peft_adapter, stock_sd, tiny_llm, tiny_sd_components
 
 from pipelines import LatentDiffusionPipeline, TextGenerationPipeline
 from studio import assets
@@ -334,7 +333,7 @@ def test_a_fast_path_failure_is_told_once_in_the_counters(operator_folders, monk
 
 
 @pytest.fixture(scope="module")
-def adapter_app(operator_folders, lora_folder):  # noqa: F811 (the fixture imported above)
+def adapter_app(operator_folders, lora_folder):
     """The app with the tiny models added by STUDIO_MODELS and an adapter for each by STUDIO_ADAPTERS:
     a peft LoRA for the tiny LLM, a diffusers LoRA for the tiny SD (and a copy of the peft one that
     no one listed). Yields the client, the models and the folders by name."""

@@ -42,7 +42,9 @@ def test_manifest_describes_every_shipped_model_completely():
     models = assets.load_manifest()
     assert {"smollm2-135m", "fashion-dit", "emoji-sd"} <= set(models)
     for model in models.values():
-        assert model.kind in ("llm", "diffusion")
+        assert model.kind in ("llm", "diffusion", "llm-adapter", "diffusion-adapter")
+        if model.kind.endswith("-adapter"):  # an adapter names the shipped model it adapts
+            assert models[model.base].kind == model.kind.removesuffix("-adapter")
         assert model.parameters > 0
         for text in (model.architecture, model.license, model.training_data, model.training_data_license,
                      model.source, model.restore):
@@ -246,3 +248,15 @@ def test_without_its_package_the_default_llm_resolves_to_its_hub_id(tmp_path):
         assets.resolve("some-llm", manifest=manifest)
     manifest.write_text(json.dumps({"models": [dict(entry, hub_id="org/some-llm")]}))
     assert assets.resolve("some-llm", manifest=manifest) == "org/some-llm"
+
+
+@pytest.mark.parametrize("name", [n for n, m in assets.load_manifest().items() if m.kind.endswith("-adapter")])
+def test_each_shipped_adapter_loads_into_its_base(name):
+    from pipelines.latent_diffusion import LatentDiffusionPipeline
+    from pipelines.text_generation import TextGenerationPipeline
+
+    model = assets.load_manifest()[name]
+    lane = TextGenerationPipeline if model.kind == "llm-adapter" else LatentDiffusionPipeline
+    pipeline = lane.from_pretrained(model.base, device="cpu")
+    assert pipeline.load_adapter(name) == name
+    assert pipeline.adapters[name].parameters == model.parameters

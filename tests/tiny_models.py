@@ -219,3 +219,42 @@ def studio_pipeline(parts: dict, **kwargs):
 def generate_image(pipe, prompt: str = "a red apple", **kwargs):
     """A small, quick image from the tiny pipeline: 3 steps, guidance 5, seed 0, SIZE x SIZE pixels."""
     return pipe(prompt, **{"steps": 3, "guidance_scale": 5.0, "seed": 0, "height": SIZE, "width": SIZE, **kwargs})
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA adapters, written by the stock libraries
+
+
+def save_peft_adapter(folder, family="llama", targets=("q_proj", "v_proj"), rank=4, **model_config):
+    """A peft LoRA for tiny_llm(family) with non-zero weights on both matrices
+    (init_lora_weights=False), as training leaves it, saved by peft into `folder`."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(tiny_llm(family, **model_config), LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=list(targets), init_lora_weights=False, task_type="CAUSAL_LM",
+        fan_in_fan_out=family == "gpt2"))  # GPT-2's Conv1D layers store their weights transposed
+    model.save_pretrained(folder)
+    return folder
+
+
+def save_diffusers_lora(folder):
+    """A diffusers LoRA for tiny_sd_components()' UNet (attention and convolutions) and text
+    encoder, non-zero, written by diffusers' own save_lora_weights."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(2)
+    pipe = stock_sd(tiny_sd_components())
+    unet_config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
+                             init_lora_weights=False)  # convolutions too, as a style adapter needs
+    text_config = LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    pipe.unet.add_adapter(unet_config)
+    inject_adapter_in_model(text_config, pipe.text_encoder)  # peft's own (transformers' add_adapter wants a newer peft)
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
+        unet_lora_adapter_metadata=unet_config.to_dict(), text_encoder_lora_adapter_metadata=text_config.to_dict(),
+    )
+    return folder
