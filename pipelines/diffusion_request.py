@@ -3,14 +3,13 @@ what to give instead, before any work is done or any state changes.
 
     request = DiffusionRequest.checked(pipeline, prompt="red apple", steps=20, guidance_scale=5.0)
 
-Depends on PIL, diffusers' schedulers (their names) and studio.text; never on a pipeline module (the
+Depends on PIL, diffusers' schedulers (their names) and studio.values; never on a pipeline module (the
 pipeline is read through the attributes named below) or Gradio.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 import threading
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from studio.text import lone_surrogate
+from studio.values import is_integer, is_real, lone_surrogate
 
 # Schedulers by name, each built from the loaded model's own scheduler config (its noise schedule).
 SCHEDULERS = {
@@ -107,7 +106,7 @@ class DiffusionRequest:
         if not is_integer(seed) or not 0 <= seed < SEED_LIMIT:
             raise ValueError(f"seed must be an integer from 0 to 2**64 - 1; got {seed!r}")
         check_scheduler_name(scheduler)
-        if adapter is not None and adapter not in pipeline.adapters:
+        if adapter is not None and (not isinstance(adapter, str) or adapter not in pipeline.adapters):
             loaded = ", ".join(pipeline.adapters) or "none; load one with load_adapter(path)"
             raise ValueError(f"no adapter named {adapter!r} is loaded; loaded: {loaded}")
         if not is_real(adapter_scale) or not math.isfinite(adapter_scale):
@@ -147,13 +146,5 @@ class DiffusionRequest:
 
 
 def check_scheduler_name(name: str | None) -> None:
-    if name is not None and name not in SCHEDULERS:
+    if name is not None and (not isinstance(name, str) or name not in SCHEDULERS):
         raise ValueError(f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)}")
-
-
-def is_integer(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)

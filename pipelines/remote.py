@@ -39,7 +39,7 @@ from collections.abc import Iterator, Mapping
 import httpx
 
 from studio.profiling import StepTimer
-from studio.text import lone_surrogate
+from studio.values import lone_surrogate
 
 from .generation import GenerationOutput, TokenStep
 from .sampling import SamplingSettings

@@ -6,7 +6,7 @@ reshapes that distribution (repetition penalty, temperature, top-k, top-p, min-p
 token. The processors are transformers' own, in the order `generate()` applies them, so our loop
 and the stock one agree.
 
-Depends on torch and transformers.
+Depends on torch, transformers and studio.values.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from studio.values import is_integer, is_real
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
@@ -35,18 +37,22 @@ class SamplingSettings:
     seed: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy); got {self.temperature}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k must be a positive integer or None; got {self.top_k}")
-        if self.top_p is not None and not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
-        if self.min_p is not None and not (0 <= self.min_p <= 1):
-            raise ValueError(f"min_p must be in [0, 1]; got {self.min_p}")
-        if self.repetition_penalty is not None and not (self.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be > 0 (1 = none); got {self.repetition_penalty}")
-        if not isinstance(self.seed, int) or not (0 <= self.seed < 2**63):
-            raise ValueError(f"seed must be an integer in [0, 2**63); got {self.seed}")
+        # numbers must be numbers: a string, a boolean or NaN slips through comparisons or breaks them
+        def real(value) -> bool:
+            return is_real(value) and math.isfinite(value)
+
+        if not real(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy); got {self.temperature!r}")
+        if self.top_k is not None and (not is_integer(self.top_k) or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or None; got {self.top_k!r}")
+        if self.top_p is not None and not (real(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1]; got {self.top_p!r}")
+        if self.min_p is not None and not (real(self.min_p) and 0 <= self.min_p <= 1):
+            raise ValueError(f"min_p must be in [0, 1]; got {self.min_p!r}")
+        if self.repetition_penalty is not None and not (real(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = none); got {self.repetition_penalty!r}")
+        if not is_integer(self.seed) or not (0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be an integer in [0, 2**63); got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

@@ -42,7 +42,7 @@ from studio.loading import (
     resolve_dtype,
 )
 from studio.profiling import StepTimer
-from studio.text import lone_surrogate
+from studio.values import lone_surrogate
 
 from .fast_decode import fast_generate, wants_fast_path
 from .generation import (
@@ -124,8 +124,7 @@ class TextGenerationPipeline:
     # The public API
 
     def __call__(self, prompt: str | list[str], **kwargs) -> GenerationOutput | list[GenerationOutput]:
-        batch = [prompt] if isinstance(prompt, str) else list(prompt)
-        outputs = [Collected() for _ in batch]
+        outputs = [Collected() for _ in prompt_list(prompt)]
         for event in self.stream(prompt, **kwargs):
             outputs[event.sequence].add(event)
         stops = kwargs.get("stop") or []
@@ -172,9 +171,9 @@ class TextGenerationPipeline:
         The request is checked, and the backends chosen (a `backends.use()` scope around this
         call, else the pipeline's defaults), when stream() is called; they hold for the whole run.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = prompt_list(prompt)
         self.check_request(prompts, max_new_tokens, top_logprobs, num_draft_tokens, speculative, use_cache)
-        if adapter is not None and adapter not in self.adapters:
+        if adapter is not None and (not isinstance(adapter, str) or adapter not in self.adapters):
             loaded = ", ".join(self.adapters) or "none; load one with load_adapter(path)"
             raise ValueError(f"no adapter named {adapter!r} is loaded; loaded: {loaded}")
         choice = backends.resolve(self.attention, self.precision)
@@ -302,6 +301,15 @@ class TextGenerationPipeline:
                 raise ValueError("speculative decoding verifies drafts against the KV cache; it needs use_cache=True")
             if not isinstance(num_draft_tokens, int) or not 1 <= num_draft_tokens <= 16:
                 raise ValueError(f"num_draft_tokens must be between 1 and 16; got {num_draft_tokens}")
+
+
+def prompt_list(prompt) -> list[str]:
+    """A prompt or a list of prompts, as a list; anything else is a ValueError saying what to give."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise ValueError(f"the prompt must be a string or a list of strings; got {type(prompt).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ the field and says what it takes (see studio/server.py for what is refused, and 
 
     body = parse_request(CompletionRequest, raw_bytes)    # or raises APIError(400, ...)
 
-Depends on pydantic and studio.text; never on the server's app, a pipeline or Gradio.
+Depends on pydantic and studio.values; never on the server's app, a pipeline or Gradio.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from studio.text import lone_surrogate
+from studio.values import lone_surrogate
 
 MAX_LOGPROBS = 20  # OpenAI's limit for chat, vLLM's default max_logprobs
 # OpenAI parameters the lane cannot honour: accepted only at their neutral value.
