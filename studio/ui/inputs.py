@@ -4,13 +4,15 @@ The lanes' events take their inputs unprocessed (preprocess=False), because Grad
 end in `{"error": null}` for a NaN seed, a null slider or a string in a number field. Each check
 here names the field, what it takes and what it got, in the words the app shows the user.
 
-Depends on the standard library only; raises ValueError, which the lanes turn into messages.
+Depends on the standard library and studio.values; raises ValueError, which the lanes turn into messages.
 """
 
 from __future__ import annotations
 
 import json
 import math
+
+from studio.values import is_real, lone_surrogate
 
 SHOWN = 60  # characters of a bad value repeated in a message
 
@@ -36,7 +38,7 @@ def number(value, field: str, low: float, high: float, *, whole: bool = False, e
     wanted = f"{field} must be {'a whole number' if whole else 'a number'} from {_bound(low)} to {_bound(high)}"
     if value is None and empty is not None:
         return empty
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_real(value) or not math.isfinite(value):
         raise ValueError(f"{wanted}; got {_shown(value)}")
     if (whole and value != int(value)) or not low <= value <= high:
         raise ValueError(f"{wanted}; got {_shown(value)}")
@@ -49,14 +51,12 @@ def text(value, field: str, max_length: int) -> str:
         raise ValueError(f"{field} must be text; got {_shown(value)}")
     if len(value) > max_length:
         raise ValueError(f"{field} is {len(value):,} characters long; the most is {max_length:,}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as error:
-        bad = value[error.start]
+    at = lone_surrogate(value)
+    if at is not None:
         raise ValueError(
-            f"{field} holds an unpaired surrogate (U+{ord(bad):04X} at character {error.start}), which is not "
+            f"{field} holds an unpaired surrogate (U+{ord(value[at]):04X} at character {at}), which is not "
             "text any model can read; remove it or send the whole character"
-        ) from None
+        )
     return value
 
 
