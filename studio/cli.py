@@ -47,6 +47,7 @@ def cmd_generate(args) -> int:
     llm = TextGenerationPipeline.from_pretrained(
         args.model, device=args.device, attention=args.attention, precision=args.precision
     )
+    adapter = llm.load_adapter(args.adapter) if args.adapter else None
     speculative = {"none": None}.get(args.speculative, args.speculative)
     draft = None
     if speculative == "draft":
@@ -56,7 +57,7 @@ def cmd_generate(args) -> int:
     events = llm.stream(
         args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache, chat=args.chat, stop=args.stop,
-        top_logprobs=args.show_probs, speculative=speculative, draft=draft,
+        top_logprobs=args.show_probs, speculative=speculative, draft=draft, adapter=adapter,
     )
     decode_ms, tokens = [], 0
     for ev in events:
@@ -96,7 +97,8 @@ def cmd_imagine(args) -> int:
     events = pipe.stream(
         args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
         height=args.height, width=args.width, scheduler=args.scheduler, cfg_mode=args.cfg_mode, image=image,
-        strength=args.strength, preview=None,
+        strength=args.strength, preview=None, adapter=pipe.load_adapter(args.adapter) if args.adapter else None,
+        adapter_scale=args.adapter_scale,
     )
     bar, run_ms, model_ms = None, 0.0, {}
     for ev in events:
@@ -302,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (the staircase)")
     p.add_argument("--show-probs", type=int, nargs="?", const=5, default=0, metavar="N",
                    help="print each token's top-N alternatives (default N: 5)")
+    p.add_argument("--adapter", help="a LoRA adapter to run with: a shipped adapter's name or a peft folder")
     p.add_argument("--speculative", choices=["none", "draft", "prompt-lookup", "self"], default="none")
     p.add_argument("--draft", help="draft model (speculative=draft) or number of layers (speculative=self)")
     p.add_argument("--device")
@@ -324,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int)
     p.add_argument("--image", help="img2img: start from this image")
     p.add_argument("--strength", type=float, default=0.8, help="img2img: how much of the schedule to run")
+    p.add_argument("--adapter", help="a LoRA adapter to run with: a shipped adapter's name or a diffusers LoRA folder")
+    p.add_argument("--adapter-scale", type=float, default=1.0, help="the adapter's weight (default 1.0)")
     p.add_argument("--device")
     p.add_argument("--attention", help="attention backend (see `studio backends`)")
     p.add_argument("--precision", help="matmul precision (see `studio backends`)")
