@@ -106,10 +106,10 @@ def markdown(data: dict) -> str:
     llm = tables["llm"]
     if llm:
         out += ["", "## LLM lane", "", _table(
-            ["model", "path", "attention", "precision", "weights", "cache", "fast path", "speculative", "alts",
+            ["model", "path", "attention", "precision", "weights", "LoRA", "cache", "fast path", "speculative", "alts",
              "compile s", "TTFT ms", "prefill tok/s", "prefill TFLOP/s", "decode tok/s", "GB/s", "% BW roofline",
              "× stock", "accept", "KV bytes", "peak mem"],
-            [[r["model"], r["path"], r["attention"], r["precision"], r.get("weights"), r["cache"], r["fast_path"],
+            [[r["model"], r["path"], r["attention"], r["precision"], r.get("weights"), r.get("adapter"), r["cache"], r["fast_path"],
               r["speculative"], r["top_logprobs"], _fmt(r.get("compile_s")), _fmt(r["ttft_ms"]), _fmt(r["prefill_tok_s"]), _fmt(r["prefill_tflop_s"] and r["prefill_tflop_s"]),
               _spread(r["decode_tok_s"], r["decode_tok_s_min"], r["decode_tok_s_max"]), _fmt(r["decode_gb_s"]),
               _fmt(r["decode_share_of_roofline"], "pct"), _fmt(r["speedup_vs_stock"], "x"),
@@ -152,9 +152,10 @@ def markdown(data: dict) -> str:
     diffusion = tables["diffusion"]
     if diffusion:
         out += ["", "## Diffusion lane", "", _table(
-            ["model", "path", "attention", "precision", "CFG", "preview", "image", "ms/step", "it/s", "TFLOP/s",
+            ["model", "path", "attention", "precision", "LoRA", "fast path", "CFG", "preview", "image", "ms/step", "it/s", "TFLOP/s",
              "% matmul peak", "VAE decode ms", "ms/image", "× stock", "peak mem", "growth"],
-            [[r["model"], r["path"], r["attention"], r["precision"], r["cfg"], r["preview"], r["image"],
+            [[r["model"], r["path"], r["attention"], r["precision"], r.get("adapter"), r.get("fast_path"), r["cfg"],
+              r["preview"], r["image"],
               _spread(r["step_ms"], r["step_ms_min"], r["step_ms_max"]), _fmt(r["it_s"]), _fmt(r["tflop_s"]),
               _fmt(r["share_of_peak"], "pct"), _fmt(r["vae_decode_ms"]), _fmt(r["image_ms"]),
               _fmt(r["speedup_vs_stock"], "x"), _fmt(r["peak_mem_bytes"], "bytes"), _fmt(r["peak_growth_bytes"], "bytes")]
