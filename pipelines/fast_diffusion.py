@@ -93,7 +93,8 @@ def _eager_on_failure(module, compiled_call, name: str, report: FastPathReport):
 
     def call(*args, **kwargs):
         try:
-            out = compiled_call(*args, **kwargs)
+            with backends.for_compiled_code():
+                out = compiled_call(*args, **kwargs)
         except Exception as error:  # any failure of the compiler; the eager module is still right
             text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             report.compile_errors.append(f"compiling the {name} failed ({text}); it runs uncompiled")

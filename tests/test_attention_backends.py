@@ -1,7 +1,9 @@
 """Every attention backend, built in or registered, against the float64 reference on the battery
 of studio.backends.checks: the same cases a plugin's kernel must pass before it runs."""
 
+import contextvars
 import importlib
+import threading
 
 import pytest
 import torch
@@ -134,6 +136,37 @@ def test_use_scopes_the_choice_and_restores_it():
             assert backends.current().attention == "tiled"
         assert backends.current().attention == "eager"
     assert backends.current().attention is None  # nothing chosen: a pipeline default, else auto
+
+
+def test_compiled_code_follows_the_scope_in_one_graph():
+    """torch.compile cannot read the context variable use() sets: compiled code reads a
+    thread-local copy, guarded, so a call under another choice recompiles instead of keeping the
+    kernel it traced first, and a generator resumed on another thread gets its own context's."""
+    @torch.compile(fullgraph=True, backend="eager")  # fullgraph: a graph break here would raise
+    def chosen(x):
+        return x + {"eager": 1, "tiled": 2}.get(backends.current().attention, 0)
+
+    x = torch.zeros(1)
+    assert chosen(x).item() == 0
+    with backends.use(attention="eager"):
+        assert chosen(x).item() == 1
+        with backends.use(attention="tiled"):
+            assert chosen(x).item() == 2
+        assert chosen(x).item() == 1
+    assert chosen(x).item() == 0
+
+    with backends.use(attention="tiled"):
+        context = contextvars.copy_context()  # what a resumed generator carries
+    seen = []
+
+    def elsewhere():  # another thread, running in that context
+        with backends.for_compiled_code():
+            seen.append(chosen(x).item())
+
+    thread = threading.Thread(target=context.run, args=(elsewhere,))
+    thread.start()
+    thread.join()
+    assert seen == [2]
 
 
 def test_auto_reports_its_choice():

@@ -431,6 +431,28 @@ def test_diffusion_fast_path_on_a_class_conditioned_dit():
     np.testing.assert_allclose(pipe("goldfish", steps=3, guidance_scale=4.0).pixels, plain.pixels, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_the_compiled_denoiser_is_one_graph_that_follows_the_attention_choice():
+    """Each attention reads the kernel use() chose; in compiled code that read must not break the
+    graph (it did, at every attention: compiling then gained nothing) nor be frozen into it."""
+    from torch._dynamo.utils import counters
+
+    def image(pipe):
+        return pipe("goldfish", steps=2, guidance_scale=4.0).pixels
+
+    plain = image(studio_pipeline(tiny_dit_components(), class_ids={"goldfish": 1}))
+    pipe = studio_pipeline(tiny_dit_components(), class_ids={"goldfish": 1}, fast_path=True)
+    enable_fast_path(pipe, compile=True, mode="default")  # no autotuning: a test, not a benchmark
+    counters.clear()
+    np.testing.assert_allclose(image(pipe), plain, atol=1e-4)
+    assert not pipe.fast_path_report.compile_errors and not counters["graph_break"]
+    graphs = counters["stats"]["unique_graphs"]  # the denoiser, the VAE decoder per batch size it decoded
+    with backends.use(attention="eager"):
+        np.testing.assert_allclose(image(pipe), plain, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] > graphs  # recompiled for the kernel chosen
+    assert not counters["graph_break"]
+
+
 def test_diffusion_precision_reaches_the_fused_layers():
     pipe = studio_pipeline(tiny_sd_components(), precision="bf16")
     enable_fast_path(pipe)

@@ -35,7 +35,7 @@ from .precision import (
     precision_of,
     restore_precision,
 )
-from .registry import BackendError, BackendInfo, PluginSource, Selection, current
+from .registry import BackendError, BackendInfo, PluginSource, Selection, current, for_compiled_code
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -54,6 +54,7 @@ __all__ = [
     "choose_attention",
     "cpu_weight_format",
     "current",
+    "for_compiled_code",
     "installed_plugins",
     "load_entry_points",
     "precision_info",

@@ -128,22 +128,29 @@ def attention(
         if return_weights:
             raise BackendError("only the eager backend materialises attention weights; got backend 'auto'")
         return _run_auto(q, k, v, causal, mask, scale)
-    else:
-        info = attention_info(name, q.device, q.dtype)
-        if not info.available:
-            raise BackendError(
-                f"attention backend {name!r} is unavailable: {info.reason}; "
-                f"available: {', '.join(_available_names(q.device, q.dtype))}"
-            )
-        refusal = REGISTERED[name].refusal(q, k, v, causal, mask) if name in REGISTERED else None
-        if refusal is not None:
-            raise BackendError(f"attention backend {name!r} cannot take these inputs: {refusal}; choose another backend")
+    elif name in REGISTERED or not torch.compiler.is_compiling():
+        # traced into a compiled graph, a built-in kernel that cannot run here fails the compile,
+        # which the lanes fall back from to eager code, where this check says why
+        _check_can_run(name, q, k, v, causal, mask)
     if return_weights and name != "eager":
         raise BackendError(f"only the eager backend materialises attention weights; got backend {name!r}")
     if name == "eager":
         out, weights = eager_attention(q, k, v, causal, mask, scale)
         return (out, weights) if return_weights else out
     return run_kernel(name, q, k, v, causal, mask, scale)
+
+
+@torch.compiler.disable  # a plugin's first use runs its float64 check: Python, never traced into a graph
+def _check_can_run(name: str, q, k, v, causal, mask) -> None:
+    info = attention_info(name, q.device, q.dtype)
+    if not info.available:
+        raise BackendError(
+            f"attention backend {name!r} is unavailable: {info.reason}; "
+            f"available: {', '.join(_available_names(q.device, q.dtype))}"
+        )
+    refusal = REGISTERED[name].refusal(q, k, v, causal, mask) if name in REGISTERED else None
+    if refusal is not None:
+        raise BackendError(f"attention backend {name!r} cannot take these inputs: {refusal}; choose another backend")
 
 
 def run_kernel(name: str, q, k, v, causal, mask, scale) -> torch.Tensor:

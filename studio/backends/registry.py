@@ -5,17 +5,22 @@ Two kinds of backend exist: attention kernels (attention.py) and matmul precisio
 them side by side with the reason a backend cannot run here. The choice of backend is a
 context variable: `use()` (choice.py) sets it for a block of code (and for everything that
 block calls), then restores the previous choice, so two pipelines or two threads never see
-each other's. Installed plugin packages (plugins.py) leave a `PluginSource` each in SOURCES:
-what they registered, or why they failed to load.
+each other's. Code compiled by torch.compile, which cannot read a context variable, reads a
+thread-local copy of the choice instead (`for_compiled_code`). Installed plugin packages
+(plugins.py) leave a `PluginSource` each in SOURCES: what they registered, or why they failed to
+load.
 
-Depends on the standard library only; imports none of its siblings (they all import it).
+Depends on the standard library and torch; imports none of its siblings (they all import it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from dataclasses import dataclass, replace
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -71,20 +76,47 @@ class Selection:
     precision: str | None = None  # None: not chosen here (a pipeline's default, else each model's own dtype)
 
 
-_selection: contextvars.ContextVar[Selection] = contextvars.ContextVar("studio_backends", default=Selection())
+_NO_SELECTION = Selection()
+_selection: contextvars.ContextVar[Selection] = contextvars.ContextVar("studio_backends", default=_NO_SELECTION)
+
+
+# torch.compile cannot trace a ContextVar (every attention would break the graph there), but it
+# traces a thread-local and guards on what it read, per calling thread: a call under another choice
+# recompiles instead of running the kernel traced for the last one. Compiled code reads this copy.
+_compiled_view = threading.local()
 
 
 def current() -> Selection:
     """The attention kernel and matmul precision a `use()` scope chose for the code running now."""
+    if torch.compiler.is_compiling():
+        return getattr(_compiled_view, "selection", _NO_SELECTION)
     return _selection.get()
+
+
+@contextlib.contextmanager
+def _viewed_by_compiled_code(selection: Selection):
+    outer = getattr(_compiled_view, "selection", _NO_SELECTION)
+    _compiled_view.selection = selection
+    try:
+        yield
+    finally:
+        _compiled_view.selection = outer
+
+
+def for_compiled_code():
+    """Around a call into compiled code: hand it the choice the caller's context holds, whichever
+    thread runs the call (a streamed generator can be resumed on another thread than the one that
+    entered its `use()` scope)."""
+    return _viewed_by_compiled_code(_selection.get())
 
 
 @contextlib.contextmanager
 def scoped(selection: Selection):
     """Make `selection` the current choice for the enclosed block (names are not checked here:
-    `use()` checks them)."""
+    `use()` checks them); code compiled by the caller on this thread sees it too."""
     token = _selection.set(selection)
     try:
-        yield selection
+        with _viewed_by_compiled_code(selection):
+            yield selection
     finally:
         _selection.reset(token)
