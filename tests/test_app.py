@@ -96,7 +96,7 @@ def test_diffusion_lane_streams_previews_and_the_image_equals_the_python_api(url
     expected = LatentDiffusionPipeline.from_pretrained(DIFFUSION, device="cpu")(
         DIFFUSION_PROMPT, steps=4, guidance_scale=5.0, scheduler="euler", seed=0)
     assert np.abs(final.astype(int) - np.asarray(expected.image.convert("RGB")).astype(int)).max() <= 1
-    assert "forward passes" in job.result()[4]
+    assert "forward passes" in job.result()[4] and "fast path: channels-last, fused QKV" in job.result()[4]
 
 
 def test_two_concurrent_clients_each_get_their_own_results(url, reference_llm):
@@ -250,14 +250,18 @@ def test_the_image_size_is_accepted_as_view_api_lists_it(url):
         assert Image.open(final).size == (other, other) != native
 
 
-def test_the_default_llm_compiles_its_decode_step_off_the_first_requests_path(url, models):
-    """At start the app loads the default LLM and compiles its fast-path decode step in a thread;
+def test_the_default_models_compile_off_the_first_requests_path(url, models):
+    """At start the app loads the default models and compiles their fast paths in threads;
     requests run meanwhile, and the counters say where the compile stands and on how many threads."""
     models.warming.join(timeout=300)
     decoder = models.llm(LLM, "cpu").fast_decoder
     assert decoder is not None and decoder.compile == "background"
     counters = Client(url, verbose=False).predict(*llm_args(max_tokens=3), api_name="/generate_text")[4]
     assert "fast path:" in counters and re.search(r"CPU threads: \d+", counters)
+    if DIFFUSION is not None:  # and the diffusion model's denoiser and VAE decoder, for the default settings
+        report = models.diffusion(DIFFUSION, "cpu").fast_path_report
+        assert report.background and {name for name, *_ in set(report.compiled_shapes) | report.compiling} == {
+            "denoiser", "vae decoder"}
 
 
 def test_the_app_with_both_lanes_run_stays_under_2_5_gb_resident(url):

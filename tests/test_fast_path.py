@@ -453,6 +453,56 @@ def test_the_compiled_denoiser_is_one_graph_that_follows_the_attention_choice():
     assert not counters["graph_break"]
 
 
+@pytest.mark.slow
+def test_a_background_compile_runs_new_shapes_eagerly_until_they_are_compiled():
+    from torch._dynamo.utils import counters
+
+    def image(pipe):
+        return pipe("goldfish", steps=2, guidance_scale=4.0).pixels
+
+    plain = image(studio_pipeline(tiny_dit_components(), class_ids={"goldfish": 1}))
+    pipe = studio_pipeline(tiny_dit_components(), class_ids={"goldfish": 1}, fast_path=True)
+    report = enable_fast_path(pipe, compile="background", mode="default")
+    counters.clear()
+    first = image(pipe)  # eagerly, while its shapes compile
+    started = {name for name, *_ in set(report.compiled_shapes) | report.compiling}
+    deadline = time.monotonic() + 300
+    while report.compiling and time.monotonic() < deadline:  # (a compile cut short at exit aborts the interpreter)
+        time.sleep(0.2)
+    np.testing.assert_allclose(first, plain, atol=1e-4)
+    assert started == {"denoiser", "vae decoder"}
+    assert not report.compiling and not report.compile_errors
+    assert "denoiser and vae decoder compiled (default)" in report.status() and "input shape(s) in" in report.status()
+    graphs = counters["stats"]["unique_graphs"]
+    np.testing.assert_allclose(image(pipe), plain, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == graphs  # the request found its shapes compiled
+
+
+def test_a_module_with_forward_hooks_runs_uncompiled(monkeypatch):
+    """An unmerged LoRA adapter hooks the denoiser's layers with new closures on every call,
+    which compiled code would recompile for each time: the module runs eagerly while they are on."""
+    compiled_calls = []
+
+    def compile_that_counts(module, *args, **kwargs):
+        def counted(*args, **kwargs):
+            compiled_calls.append(module)
+            return module._call_impl(*args, **kwargs)
+
+        module._compiled_call_impl = counted
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_that_counts)
+    pipe = studio_pipeline(tiny_dit_components(), class_ids={"goldfish": 1}, fast_path=True)
+    enable_fast_path(pipe, compile=True)
+    pipe("goldfish", steps=1)
+    assert pipe.denoiser in compiled_calls
+    compiled_calls.clear()
+    layer = next(m for m in pipe.denoiser.modules() if isinstance(m, torch.nn.Linear))
+    handle = layer.register_forward_hook(lambda module, inputs, output: output)
+    pipe("goldfish", steps=1)
+    handle.remove()
+    assert pipe.denoiser not in compiled_calls and pipe.vae.decoder in compiled_calls
+
+
 def test_diffusion_precision_reaches_the_fused_layers():
     pipe = studio_pipeline(tiny_sd_components(), precision="bf16")
     enable_fast_path(pipe)

@@ -25,6 +25,7 @@ from PIL import Image
 
 from pipelines import LatentDiffusionPipeline, TextGenerationPipeline
 from pipelines.fast_decode import FastDecoder, wants_fast_path
+from pipelines.fast_diffusion import enable_fast_path
 from pipelines.fast_llama import MIN_CACHE_LENGTH
 from pipelines.remote import remote_from_env
 from studio import assets, backends
@@ -91,7 +92,7 @@ class Models:
         return self._get("llm", name, device, self.llm_names, load_llm)
 
     def diffusion(self, name: str, device: str) -> LatentDiffusionPipeline:
-        return self._get("diffusion", name, device, self.diffusion_names, LatentDiffusionPipeline.from_pretrained)
+        return self._get("diffusion", name, device, self.diffusion_names, load_diffusion)
 
     def _get(self, kind, name, device, allowed, load):
         if name not in allowed:
@@ -122,33 +123,44 @@ class Models:
         return adapter
 
     def warm_up(self, device: str) -> threading.Thread | None:
-        """Load the default LLM and start compiling its fast-path decode step for a short request
-        (batch 1, the smallest cache), so that the compile is off the first request's path."""
-        name = next((n for n in self.llm_names if n != REMOTE), None)
-        if name is None:
+        """Load the default models and start compiling their fast paths in the background, so that
+        the compiles are off the first requests' path: the LLM's decode step for a short request
+        (batch 1, the smallest cache); on the CPU, the diffusion model's denoiser and VAE decoder
+        for the app's default settings (one two-step image starts those compiles)."""
+        llm_name = next((n for n in self.llm_names if n != REMOTE), None)
+        diffusion_name = self.diffusion_names[0] if self.diffusion_names else None
+        if llm_name is None and diffusion_name is None:
             return None
 
         def warm():
             try:
-                llm = self.llm(name, device)
+                llm = self.llm(llm_name, device) if llm_name else None
+                if llm is not None and llm.fast_decoder is not None:
+                    llm.fast_decoder.warm_up(batch=1, max_len=MIN_CACHE_LENGTH, background=True)
+                pipe = self.diffusion(diffusion_name, device) if diffusion_name else None
+                if pipe is not None and pipe.fast_path_report is not None and pipe.fast_path_report.background:
+                    pipe("", steps=2)
             except Exception as error:  # the first request loads it again and says what is wrong
-                log.warning("warming up %s failed: %s", name, error)
-                return
-            if llm.fast_decoder is not None:
-                llm.fast_decoder.warm_up(batch=1, max_len=MIN_CACHE_LENGTH, background=True)
+                log.warning("warming up the default models failed: %s", error)
 
-        self.warming = threading.Thread(target=warm, daemon=True, name=f"warm up {name}")
+        self.warming = threading.Thread(target=warm, daemon=True, name="warm up")
         self.warming.start()
         return self.warming
 
     def wait_for_compiles(self, timeout: float = 600) -> None:
-        """Wait until no loaded LLM is compiling in the background (before the process exits: a
+        """Wait until no loaded model is compiling in the background (before the process exits: a
         compile cut short at exit aborts the interpreter)."""
         if self.warming is not None:
             self.warming.join(timeout)
         deadline = time.monotonic() + timeout
-        for llm in [m for (kind, *_), m in list(self._loaded.items()) if kind == "llm"]:
-            while llm.fast_decoder is not None and llm.fast_decoder.compiling:
+
+        def compiling(kind, model):
+            if kind == "llm":
+                return getattr(model, "fast_decoder", None) is not None and model.fast_decoder.compiling
+            return model.fast_path_report is not None and bool(model.fast_path_report.compiling)
+
+        for (kind, *_), model in list(self._loaded.items()):
+            while compiling(kind, model):
                 if time.monotonic() > deadline:
                     return
                 time.sleep(0.5)
@@ -162,6 +174,24 @@ def load_llm(name: str, device: str) -> TextGenerationPipeline:
     if wants_fast_path(llm, None, use_cache=True, speculative=None):
         llm.fast_decoder = FastDecoder(llm.model, backends.precision_of(llm.model), compile="background")
     return llm
+
+
+def load_diffusion(name: str, device: str) -> LatentDiffusionPipeline:
+    """A diffusion model as the app runs it: on the CPU on the fast path, each new input shape of
+    its denoiser and VAE decoder compiled in a background thread while requests run them eagerly
+    (on CUDA the fast path is on anyway, uncompiled: compiling there is not yet measured)."""
+    pipe = LatentDiffusionPipeline.from_pretrained(name, device=device)
+    if pipe.device.type == "cpu":
+        enable_fast_path(pipe, compile="background")
+    return pipe
+
+
+def diffusion_runtime_lines(pipe) -> list[str]:
+    """What the diffusion model ran on besides the model: the fast path's state, the CPU threads."""
+    lines = [pipe.fast_path_report.status()] if pipe.fast_path_report is not None else ["fast path off"]
+    if pipe.device.type == "cpu":
+        lines.append(f"CPU threads: {torch.get_num_threads()} (torch.get_num_threads())")
+    return lines
 
 
 def allow_list(kind: str, extra: dict[str, list[str]]) -> list[str]:
@@ -528,7 +558,8 @@ def _studio_tab(models: Models, default_device: str):
                 yield (enlarged(ev.preview) if ev.preview is not None else gr.skip(), frames,
                        ev.image if ev.image else gr.skip(),  # the real image: the download gives it
                        render.step_times(events, ("encode", "denoise", "decode")),
-                       render.diffusion_counters(events, ceilings, pipe.dtype), render.stages(events, "diffusion"),
+                       render.diffusion_counters(events, ceilings, pipe.dtype, diffusion_runtime_lines(pipe)),
+                       render.stages(events, "diffusion"),
                        *compared)
 
     def checked_adapter(kind, name, adapter, compare):

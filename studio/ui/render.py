@@ -120,7 +120,8 @@ def llm_counters(events, ceilings: Ceilings | None, dtype: torch.dtype | None, r
     return "  \n".join(lines + list(runtime))
 
 
-def diffusion_counters(events, ceilings: Ceilings, dtype: torch.dtype) -> str:
+def diffusion_counters(events, ceilings: Ceilings, dtype: torch.dtype, runtime: list[str] = ()) -> str:
+    """Counters under the diffusion lane; `runtime`: lines about what ran it (the fast path's state)."""
     denoise = [e for e in events if e.phase == "denoise"]
     lines = []
     if denoise:
@@ -141,7 +142,7 @@ def diffusion_counters(events, ceilings: Ceilings, dtype: torch.dtype) -> str:
     if decode:
         lines.append(f"VAE decode {decode[0].ms:.1f} ms")
         lines.append(roofline_text("VAE decode", stage_roofline(decode, ceilings, dtype)))
-    return "  \n".join(lines)
+    return "  \n".join(lines + list(runtime))
 
 
 def chosen_steps(events) -> list:
