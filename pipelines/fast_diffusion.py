@@ -59,6 +59,10 @@ class FastPathReport:
     background: bool = False  # compile="background": new input shapes compile in a thread
     compiled_shapes: dict[tuple, float] = field(default_factory=dict)  # background: (module, inputs) -> compile seconds
     compiling: set[tuple] = field(default_factory=set)  # background: the (module, inputs) being compiled now
+    # held by a background compile while it runs the compiled modules, and by a run that attaches
+    # an adapter's hooks: torch.compile does not guard on hooks, so hooks it traced would stay in
+    # the graph for every later call, and hooks it missed would be skipped
+    tracing: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def news(self) -> str | None:
         """The compile failures not told yet; None if there are none."""
@@ -99,6 +103,7 @@ def enable_fast_path(pipeline, compile: bool | str = False, mode: str = COMPILE_
         fused = fuse_qkv(model)
         if fused:
             report.fused_attention[name] = report.fused_attention.get(name, 0) + fused
+    pipeline.unfuse_adapter_targets()  # an adapter loaded before this keeps its hooks' layers
     pipeline.sync_precision(pipeline.precision)
     if compile:
         for name, module in (("denoiser", pipeline.denoiser), ("vae decoder", pipeline.vae.decoder)):
@@ -133,7 +138,7 @@ def _compiled_or_eager(module, compiled_call, name: str, report: FastPathReport)
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         started = perf_counter()
         try:
-            with torch.no_grad():
+            with report.tracing, torch.no_grad():
                 context.run(run_compiled, *args, **kwargs)  # the caller's context: its attention kernel
             report.compiled_shapes[key] = perf_counter() - started
         except Exception as error:  # as in call(): the module runs eagerly from now on
@@ -143,8 +148,8 @@ def _compiled_or_eager(module, compiled_call, name: str, report: FastPathReport)
 
     def call(*args, **kwargs):
         if any(m._forward_hooks for m in module.modules()):
-            # an unmerged LoRA adapter: its hooks are new closures on every call, which compiled
-            # code would recompile for each time; the module runs eagerly while they are on
+            # an unmerged LoRA adapter: torch.compile does not guard on hooks (skip_nnmodule_hook_guards),
+            # so compiled code would run without them, or keep them once traced; it runs eagerly
             return module._call_impl(*args, **kwargs)
         if report.background:
             # the kernel and the precision are in the key: under others the call would recompile

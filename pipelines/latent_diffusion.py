@@ -519,7 +519,9 @@ class LatentDiffusionPipeline:
         Entered per stage and never held across a yield, so between events the caller's own
         choice holds, and another run of this pipeline sees its own adapter (or none)."""
         adapter = self.adapters.get(request.adapter) if request.adapter else None
-        with torch.no_grad(), backends.use(attention=request.attention), \
+        # an adapter's hooks wait for a background compile to finish tracing (fast_diffusion)
+        tracing = self.fast_path_report.tracing if adapter and self.fast_path_report else contextlib.nullcontext()
+        with torch.no_grad(), backends.use(attention=request.attention), tracing, \
                 attached(self.adapter_components(), adapter, request.adapter_scale):
             yield
 
@@ -533,22 +535,26 @@ class LatentDiffusionPipeline:
     def load_adapter(self, path_or_name: str, name: str | None = None) -> str:
         """Load a LoRA in diffusers' format (the folder or file save_lora_weights writes, or a
         shipped adapter's name); returns the name to pass as stream(adapter=). Attention layers it
-        targets lose the fast path's fused projections, which would bypass its hooks."""
+        targets lose the fast path's fused projections (unfuse_adapter_targets)."""
         path = assets.resolve(path_or_name)
         name = name or Path(path_or_name).stem
         if not name or not name.strip():
             raise ValueError("an adapter needs a name; pass name=")
-        adapter = adapters.read_diffusers(path, self.adapter_components(), name)
-        targeted = {f"{layer.component}.{layer.module}" for layer in adapter.layers}
+        self.adapters[name] = adapters.read_diffusers(path, self.adapter_components(), name)
+        self.unfuse_adapter_targets()
+        self.sync_precision(self.precision)  # re-weigh: unfused projections are read again
+        return name
+
+    def unfuse_adapter_targets(self):
+        """Attention layers a loaded adapter targets go back to to_q / to_k / to_v: the fast path's
+        fused projections would bypass the adapter's hooks (enable_fast_path calls this too)."""
+        targeted = {f"{layer.component}.{layer.module}" for adapter in self.adapters.values() for layer in adapter.layers}
         for component, model in self.adapter_components().items():
             for module_name, module in model.named_modules():
                 if isinstance(module, Attention) and getattr(module, "fused_projections", False) and any(
                     t.startswith(f"{component}.{module_name}.") for t in targeted
                 ):
                     module.fused_projections = False  # the processor reads to_q / to_k / to_v again
-        self.sync_precision(self.precision)  # re-weigh: unfused projections are read again
-        self.adapters[name] = adapter
-        return name
 
     def sync_precision(self, precision: str | None):
         """Bring the linear layers of the denoiser and the text encoder, where the FLOPs are, to

@@ -511,7 +511,7 @@ def test_a_user_runs_both_lanes_in_a_browser(url, models, tmp_path):
         page.get_by_role("button", name="Run both").click()
         page.get_by_text("tokens/s").wait_for(timeout=180_000)
         if DIFFUSION is not None:
-            # the counters' last line, written once the VAE has decoded the image
+            # the counters' line written once the VAE has decoded the image
             page.get_by_text(re.compile(r"VAE decode [\d.]+ ms")).first.wait_for(timeout=180_000)
         page.get_by_text(re.compile(r"decode ×\d+")).first.wait_for(timeout=120_000)  # the timeline, after both
         page.wait_for_timeout(3000)  # the charts redraw after the last update

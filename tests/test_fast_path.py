@@ -478,6 +478,41 @@ def test_a_background_compile_runs_new_shapes_eagerly_until_they_are_compiled():
     assert counters["stats"]["unique_graphs"] == graphs  # the request found its shapes compiled
 
 
+@pytest.mark.slow
+def test_an_adapter_on_a_compiled_denoiser_is_neither_skipped_nor_kept(lora_folder):
+    """torch.compile does not guard on forward hooks: compiled code traced without an adapter's
+    hooks would skip them, and traced with them would keep them for the base model's runs."""
+    plain = studio_pipeline(tiny_sd_components())
+    plain.load_adapter(str(lora_folder), name="style")
+    base, adapted = generate_image(plain).pixels, generate_image(plain, adapter="style").pixels
+    pipe = studio_pipeline(tiny_sd_components(), fast_path=True)
+    pipe.load_adapter(str(lora_folder), name="style")
+    enable_fast_path(pipe, compile=True, mode="default")  # no autotuning: a test, not a benchmark
+    np.testing.assert_allclose(generate_image(pipe).pixels, base, atol=1e-4)
+    np.testing.assert_allclose(generate_image(pipe, adapter="style").pixels, adapted, atol=1e-4)
+    np.testing.assert_allclose(generate_image(pipe).pixels, base, atol=1e-4)
+
+
+def test_an_adapter_run_waits_while_a_background_compile_traces(lora_folder):
+    pipe = studio_pipeline(tiny_sd_components(), fast_path=True)
+    pipe.load_adapter(str(lora_folder), name="style")
+    finished = {}
+
+    def run(adapter):
+        generate_image(pipe, adapter=adapter)
+        finished[adapter] = True
+
+    with pipe.fast_path_report.tracing:  # as a background compile holds it while it runs the models
+        runs = [threading.Thread(target=run, args=(adapter,)) for adapter in (None, "style")]
+        for thread in runs:
+            thread.start()
+        runs[0].join(60)
+        time.sleep(0.5)
+        assert finished == {None: True}  # the base model's run needs no wait; the adapter's hooks do
+    runs[1].join(60)
+    assert finished == {None: True, "style": True}
+
+
 def test_a_module_with_forward_hooks_runs_uncompiled(monkeypatch):
     """An unmerged LoRA adapter hooks the denoiser's layers with new closures on every call,
     which compiled code would recompile for each time: the module runs eagerly while they are on."""
