@@ -139,7 +139,8 @@ class Models:
                     llm.fast_decoder.warm_up(batch=1, max_len=MIN_CACHE_LENGTH, background=True)
                 pipe = self.diffusion(diffusion_name, device) if diffusion_name else None
                 if pipe is not None and pipe.fast_path_report is not None and pipe.fast_path_report.background:
-                    pipe("", steps=2)
+                    with backends.use(attention="auto"):  # as the app's default choice: the shapes and kernel it compiles for
+                        pipe("", steps=2)
             except Exception as error:  # the first request loads it again and says what is wrong
                 log.warning("warming up the default models failed: %s", error)
 
