@@ -238,14 +238,19 @@ class FastDecoder:
         # little speed, and the CUDA graph records the eager pieces between compiled ones too.
         # On the CPU, freezing lets oneDNN prepack the weights and cpp_wrapper drops the Python
         # between kernels; options= keeps both to this compile instead of inductor's global config.
-        options = None if on_cuda else {"freezing": True, "cpp_wrapper": True}
-        compiled = types.MethodType(own_copy, self.model)
-        self.compiled_forward = torch.compile(compiled, dynamic=False, options=options) if self.compile else None
+        self.compile_options = None if on_cuda else {"freezing": True, "cpp_wrapper": True}
+        self.to_compile = types.MethodType(own_copy, self.model)
+        # made by the first compile (torch.compile's first call imports the compiler: about a
+        # second, which a background compile keeps off the model's loading)
+        self.compiled_forward = None
         self.compiled: dict[tuple[int, int], float] = {}  # (batch, cache length) -> seconds its compile took
         self.compile_error: str | None = None  # why compiling failed: the step then stays eager
         self.capture_error: str | None = None  # why capturing failed: the step then runs uncaptured
         self._told: set[str] = set()
         self._compiling: set[tuple[int, int]] = set()
+        # background compiles wait for this before they start (the app sets it once another process
+        # has put the compiled code in inductor's on-disk cache); None: they start at once
+        self.compile_after: threading.Event | None = None
         self._session: DecodeSession | None = None
         self._busy = False
         self._lock = threading.Lock()
@@ -261,7 +266,7 @@ class FastDecoder:
         """The decode forward for these shapes: compiled where it is (or, compile=True, compiles it
         now), eager while a background compile runs or after a compile failed."""
         shape = (batch, max_len)
-        if self.compiled_forward is None or self.compile_error is not None:
+        if not self.compile or self.compile_error is not None:
             return self.eager_forward
         if shape not in self.compiled:
             if self.compile == "background":
@@ -276,7 +281,7 @@ class FastDecoder:
         is recorded in `compile_error` (the step then stays eager), never raised."""
         shape = (batch, max_len)
         with self._lock:
-            if self.compiled_forward is None or shape in self.compiled or shape in self._compiling:
+            if not self.compile or shape in self.compiled or shape in self._compiling:
                 return
             self._compiling.add(shape)
         if background:
@@ -294,6 +299,8 @@ class FastDecoder:
             # a background compile yields the CPU to the requests running eagerly meanwhile (Linux
             # sets niceness per thread; inductor's compiler processes inherit it)
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            if self.compile_after is not None:
+                self.compile_after.wait()
         model = self.model
         cache = StaticKVCache(len(model.layers), batch, model.kv_heads, max_len, model.head_dim, self.dtype, self.device)
         # the step's own inputs, separate tensors: compiled for one tensor passed twice, the first
@@ -301,6 +308,8 @@ class FastDecoder:
         token, position = (torch.zeros(batch, 1, dtype=torch.long, device=self.device) for _ in range(2))
         started = perf_counter()
         try:
+            if self.compiled_forward is None:
+                self.compiled_forward = torch.compile(self.to_compile, dynamic=False, options=self.compile_options)
             with torch.no_grad():
                 self.compiled_forward(token, position, torch.zeros(1, dtype=torch.long, device=self.device), cache)
             self.compiled[(batch, max_len)] = perf_counter() - started
@@ -347,7 +356,7 @@ class FastDecoder:
     def status(self) -> str:
         """One line for the user: the weights, and whether (and how fast) the step compiled."""
         weights = self.weights or str(self.dtype).removeprefix("torch.").replace("float", "fp").replace("bfp16", "bf16")
-        if self.compiled_forward is None:
+        if not self.compile:
             compiled = "eager"
         elif self.compile_error:
             compiled = self.compile_error

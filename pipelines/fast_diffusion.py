@@ -63,6 +63,8 @@ class FastPathReport:
     # an adapter's hooks: torch.compile does not guard on hooks, so hooks it traced would stay in
     # the graph for every later call, and hooks it missed would be skipped
     tracing: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    # background compiles wait for this before they start (as FastDecoder.compile_after); None: at once
+    compile_after: threading.Event | None = None
 
     def news(self) -> str | None:
         """The compile failures not told yet; None if there are none."""
@@ -136,6 +138,8 @@ def _compiled_or_eager(module, compiled_call, name: str, report: FastPathReport)
     def compile_in_background(key, context, args, kwargs):
         if hasattr(os, "setpriority"):  # yield the CPU to the requests running eagerly meanwhile (as fast_decode)
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        if report.compile_after is not None:
+            report.compile_after.wait()
         started = perf_counter()
         try:
             with report.tracing, torch.no_grad():

@@ -4,6 +4,7 @@ models saved to local folders)."""
 
 import concurrent.futures
 import json
+import logging
 import os
 import re
 import shutil
@@ -19,7 +20,8 @@ from tiny_models import byte_tokenizer, save_peft_adapter, stock_sd, tiny_llm, t
 
 from pipelines import LatentDiffusionPipeline, TextGenerationPipeline
 from studio import assets
-from studio.ui import Models, build_app, example_prompt
+from studio.ui import build_app, example_prompt
+from studio.ui.models import Models, compile_in_subprocess
 
 LLM = assets.default_model("llm")
 DIFFUSION = assets.default_model("diffusion")  # the app's default diffusion model
@@ -491,6 +493,14 @@ def in_first_screen(page, selector: str) -> bool:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make test installs it when run as root)")
+def test_a_failing_studio_compile_is_logged_and_the_app_compiles_in_its_own_process(caplog):
+    """At start the app runs `studio compile` in a subprocess to fill torch's on-disk cache; if it
+    fails, the app says why in its log and compiles in its own process (slower, never broken)."""
+    with caplog.at_level(logging.WARNING, logger="studio.ui"):
+        compile_in_subprocess("/nonexistent/llm-folder", None, "cpu")
+    assert "compiling the fast paths in a subprocess failed (studio compile: could not load the language model" in caplog.text
+
+
 def test_a_user_runs_both_lanes_in_a_browser(url, models, tmp_path):
     """Headless Chromium at 1400 x 1000: click Run both, then the prompt's tokens, the token stream,
     the image and both per-step charts are on the first screen; every filmstrip thumbnail loaded;

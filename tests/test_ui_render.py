@@ -9,7 +9,8 @@ from tiny_models import byte_tokenizer, tiny_llm
 from pipelines.remote import RemoteTextGeneration
 from pipelines.text_generation import TextGenerationPipeline
 from studio.profiling import ceilings_for
-from studio.ui import REMOTE, Models, render
+from studio.ui import render
+from studio.ui.models import REMOTE, Models
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +144,8 @@ def test_the_default_models_and_their_examples_come_from_the_manifest(tmp_path):
     import json
 
     from studio import assets
-    from studio.ui import allow_list, examples
+    from studio.ui import examples
+    from studio.ui.models import allow_list
 
     assert assets.default_model("diffusion") == ("emoji-sd" if "emoji-sd" in assets.list_models() else "fashion-dit")
     assert examples(["fashion-dit"])[:2] == [["fashion-dit", "sneaker"], ["fashion-dit", "dress"]]
@@ -235,7 +237,7 @@ def test_an_adapter_is_offered_only_with_its_base_model(tmp_path):
     import json
 
     from studio import assets
-    from studio.ui import adapter_allow_list
+    from studio.ui.models import adapter_allow_list
 
     manifest = json.loads(assets.MANIFEST.read_text())
     shipped = [dict(manifest["models"][0], name="emoji-describer", kind="llm-adapter", base="smollm2-135m"),

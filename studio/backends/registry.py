@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
