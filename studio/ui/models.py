@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import gradio as gr
 import torch
@@ -178,7 +179,8 @@ def compile_in_subprocess(llm_name: str | None, diffusion_name: str | None, devi
     command = [sys.executable, "-m", "studio.cli", "compile", "--device", device]
     command += ["--llm", llm_name] if llm_name else []
     command += ["--diffusion", diffusion_name] if diffusion_name else []
-    done = subprocess.run(command, capture_output=True, text=True)
+    # run from the folder holding the studio package, so that `-m studio.cli` finds it however the app was started
+    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
         log.warning("compiling the fast paths in a subprocess failed (%s); compiling them here",
