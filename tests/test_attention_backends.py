@@ -4,6 +4,7 @@ of studio.backends.checks: the same cases a plugin's kernel must pass before it 
 import contextvars
 import importlib
 import threading
+import warnings
 
 import pytest
 import torch
@@ -167,6 +168,21 @@ def test_compiled_code_follows_the_scope_in_one_graph():
     thread.start()
     thread.join()
     assert seen == [2]
+
+
+def test_compiled_code_runs_a_named_kernel_without_tracing_its_availability_check():
+    """The probe and its caches are Python for the eager path: traced, dynamo warns that it skips
+    the cache and would run the probe inside the graph."""
+    q, k, v = inputs()
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def run(q, k, v):
+        return backends.attention(q, k, v, causal=True, backend="sdpa")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = run(q, k, v)
+    torch.testing.assert_close(out, backends.attention(q, k, v, causal=True, backend="sdpa"))
 
 
 def test_auto_reports_its_choice():

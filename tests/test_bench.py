@@ -176,6 +176,26 @@ def test_cpu_goals_are_ratios_of_rows_measured_in_one_run():
     assert bf16["measured"] is None and "no bf16 matmul" in bf16["detail"]
 
 
+def test_the_markdown_tells_adapter_and_compiled_rows_from_the_plain_ones():
+    settings = bench.Settings.for_device("cpu")
+    results = bench.Results(settings)
+    results.ceilings = ceilings_for("cpu")
+    for adapter in ("none", "unmerged"):
+        results.add("llm", table_row("llm", model="m", path="studio", cache="on", speculative="none", status="ok",
+                                     fast_path="off", adapter=adapter, decode_tok_s=20.0))
+    for adapter, fast in (("none", "off"), ("merged", "off"), ("none", "compiled")):
+        results.add("diffusion", table_row("diffusion", model="d", path="studio", status="ok", cfg="batched",
+                                           adapter=adapter, fast_path=fast, step_ms=5.0))
+    text = bench.markdown(results.to_json())
+    llm_table = text.split("## LLM lane")[1].split("\n\n")[1].splitlines()
+    assert "| LoRA |" in llm_table[0]
+    assert [row.split(" | ")[5] for row in llm_table[2:]] == ["none", "unmerged"]
+    diffusion_table = text.split("## Diffusion lane")[1].split("\n\n")[1].splitlines()
+    assert "| LoRA | fast path |" in diffusion_table[0]
+    assert [row.split(" | ")[4:6] for row in diffusion_table[2:]] == [["none", "off"], ["merged", "off"],
+                                                                    ["none", "compiled"]]
+
+
 def test_settings_narrow_the_precisions_and_bound_the_cacheless_row():
     settings = bench.Settings.for_device("cpu", new_tokens=128, precisions=("int8",))
     grid = dict(precision_grid(settings, torch.device("cpu"), torch.float32))
