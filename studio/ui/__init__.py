@@ -50,14 +50,6 @@ COMPARE = "compare with the base model"  # the same prompt and seed without the 
 LLM_PROMPT_CHARS, IMAGE_PROMPT_CHARS = 4000, 2000
 
 
-def diffusion_runtime_lines(pipe) -> list[str]:
-    """What the diffusion model ran on besides the model: the fast path's state, the CPU threads."""
-    lines = [pipe.fast_path_report.status()] if pipe.fast_path_report is not None else ["fast path off"]
-    if pipe.device.type == "cpu":
-        lines.append(f"CPU threads: {torch.get_num_threads()} (torch.get_num_threads())")
-    return lines
-
-
 OUT_OF_MEMORY = {
     "llm": "the LLM ran out of device memory: lower max new tokens or the prompt's length, turn the KV cache "
            "on, or choose a smaller precision (bf16, int8)",
@@ -511,6 +503,14 @@ def runtime_lines(llm, fast: bool | None) -> list[str]:
                  "a LoRA adapter, compare)"]
     else:
         lines = [llm.fast_decoder.status() if llm.fast_decoder is not None else "fast path"]
-    if llm.device.type == "cpu":
-        lines.append(f"CPU threads: {torch.get_num_threads()} (torch.get_num_threads())")
-    return lines
+    return lines + cpu_threads_lines(llm.device)
+
+
+def diffusion_runtime_lines(pipe) -> list[str]:
+    """The same for the diffusion model: its fast path's state, and the CPU's thread count."""
+    lines = [pipe.fast_path_report.status()] if pipe.fast_path_report is not None else ["fast path off"]
+    return lines + cpu_threads_lines(pipe.device)
+
+
+def cpu_threads_lines(device: torch.device) -> list[str]:
+    return [f"CPU threads: {torch.get_num_threads()} (torch.get_num_threads())"] if device.type == "cpu" else []
